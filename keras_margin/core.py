@@ -1,0 +1,86 @@
+"""The path every objective shares: normalized cosines, label handling, margin logits and the float32
+softmax cross-entropy. Objectives only supply ``target(cos_theta_y) -> modified target cosine``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from keras import ops
+
+from keras_margin import _validation
+
+TargetFn = Callable[[Any], Any]
+_NORM_EPS = 1e-12  # added to squared norms, so a zero vector gives a zero (not NaN) cosine
+
+
+def l2_normalize(x, axis: int = -1):
+    """``x / sqrt(sum(x^2) + 1e-12)`` along ``axis``, in float32."""
+    x = ops.cast(x, "float32")
+    return x * ops.rsqrt(ops.sum(ops.square(x), axis=axis, keepdims=True) + _NORM_EPS)
+
+
+def cosine_matrix(x, kernel, compute_dtype: str = "float32"):
+    """cos(theta) between each row of ``x`` (batch, d) and each column of ``kernel`` (d, C), in float32.
+
+    Formula:
+    ```
+    cos[i, j] = <x_i / |x_i|, W[:, j]> / |W[:, j]|
+    ```
+    The matrix product runs in ``compute_dtype`` (float16/bfloat16 under mixed precision); the norms and
+    the result are float32. Column norms scale the product instead of materializing a normalized copy of
+    the (d, C) kernel.
+    """
+    x_unit = l2_normalize(x, axis=-1)
+    kernel32 = ops.cast(kernel, "float32")
+    inv_col_norm = ops.rsqrt(ops.sum(ops.square(kernel32), axis=0) + _NORM_EPS)
+    product = ops.matmul(ops.cast(x_unit, compute_dtype), ops.cast(kernel, compute_dtype))
+    return ops.cast(product, "float32") * inv_col_norm
+
+
+def sparse_labels(owner: str, labels, num_classes: int):
+    """Class ids (batch,) int32 from sparse (batch,)/(batch, 1) ids or one-hot (batch, C) labels."""
+    kind = _validation.label_kind(owner, labels, num_classes)
+    if kind == "one_hot":
+        ids = ops.argmax(labels, axis=-1)
+    else:
+        ids = ops.reshape(labels, (-1,))
+        _validation.check_class_ids(owner, ids, num_classes)
+    return ops.cast(ids, "int32")
+
+
+def margin_logits(cos_theta, class_ids, target: TargetFn, scale):
+    """Logits with the target column replaced by the objective's target cosine, times the scale.
+
+    Formula:
+    ```
+    z_j = scale * cos_theta_j          (j != y)
+    z_y = scale * target(cos_theta_y)
+    ```
+    ``scale`` is a float, a scalar tensor or a (batch, 1) tensor (SphereFace's |x|). Rows whose class id
+    is outside [0, C) (possible only inside a compiled step, where ids cannot be checked) become NaN,
+    so a bad label can never produce a plausible loss.
+    """
+    cos_theta = ops.cast(cos_theta, "float32")
+    num_classes = cos_theta.shape[-1]
+    is_target = ops.equal(ops.arange(num_classes, dtype="int32")[None, :], class_ids[:, None])
+    cos_y = ops.sum(ops.where(is_target, cos_theta, 0.0), axis=-1)
+    z = scale * ops.where(is_target, target(cos_y)[:, None], cos_theta)
+    valid = ops.logical_and(class_ids >= 0, class_ids < num_classes)
+    return ops.where(valid[:, None], z, float("nan"))
+
+
+def softmax_cross_entropy(logits, class_ids):
+    """Per-sample ``logsumexp(z) - z_y`` in float32."""
+    logits = ops.cast(logits, "float32")
+    is_target = ops.equal(ops.arange(logits.shape[-1], dtype="int32")[None, :], class_ids[:, None])
+    target_logit = ops.sum(ops.where(is_target, logits, 0.0), axis=-1)
+    return ops.logsumexp(logits, axis=-1) - target_logit
+
+
+def margin_softmax_loss(owner: str, y_true, cos_theta, target: TargetFn, scale):
+    """Per-sample margin-softmax cross-entropy of cosines ``cos_theta`` (batch, C) and labels ``y_true``."""
+    _validation.check_cosines(owner, cos_theta)
+    class_ids = sparse_labels(owner, y_true, cos_theta.shape[-1])
+    logits = margin_logits(cos_theta, class_ids, target, scale)
+    return softmax_cross_entropy(logits, class_ids)

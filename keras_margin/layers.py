@@ -1,0 +1,408 @@
+"""Cosine classifier layers: ``CosineDense`` and the margin heads built on it.
+
+Called on embeddings alone a head outputs cos(theta) (batch, num_classes) and its ``loss`` attribute
+applies the margin; called as ``head([embeddings, labels], training=True)`` it returns margin logits.
+"""
+
+from __future__ import annotations
+
+import math
+import keras
+from keras import initializers, ops
+
+from keras_margin import _validation, losses
+from keras_margin.core import cosine_matrix, margin_logits, sparse_labels
+from keras_margin.margins import (
+    amsoftmax_target,
+    arcface_target,
+    normface_target,
+    sphereface_lambda,
+    sphereface_target,
+    x2softmax_target,
+)
+from keras_margin.margins.x2softmax import check_x2softmax_parameters
+from keras_margin.margins.sphereface import SUPPORTED_M
+
+__all__ = [
+    "CosineDense",
+    "MarginHead",
+    "NormFaceHead",
+    "SphereFaceHead",
+    "AMSoftmaxHead",
+    "X2SoftmaxHead",
+    "ArcFaceHead",
+]
+
+
+@keras.saving.register_keras_serializable(package="keras_margin")
+class CosineDense(keras.layers.Layer):
+    """Dense layer without bias whose output is the cosine between the input and each class weight.
+
+    Formula:
+    ```
+    cos_theta[i, j] = <x_i / |x_i|, W[:, j] / |W[:, j]|>     W: kernel of shape (embedding_dim, units)
+    ```
+    The matrix product runs in the layer's compute dtype (float16/bfloat16 under mixed precision); norms
+    and the output are float32, so margins and the softmax downstream stay in float32.
+
+    Args:
+        units: number of classes (columns of the kernel), >= 1.
+        kernel_initializer, kernel_regularizer, kernel_constraint: as for ``keras.layers.Dense``.
+
+    Example:
+    >>> import numpy as np, keras
+    >>> layer = CosineDense(4)
+    >>> cos = layer(np.random.rand(2, 8).astype("float32"))
+    >>> tuple(cos.shape)
+    (2, 4)
+    """
+
+    def __init__(self, units: int, kernel_initializer="glorot_uniform", kernel_regularizer=None,
+                 kernel_constraint=None, **kwargs):
+        super().__init__(**kwargs)
+        self.units = _validation.check_count(type(self).__name__, "units", units, minimum=1)
+        self.kernel_initializer = initializers.get(kernel_initializer)
+        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+        self.kernel_constraint = keras.constraints.get(kernel_constraint)
+
+    # Heads accept [embeddings, labels]; the embeddings' shape is what the weights depend on.
+    @staticmethod
+    def _embedding_shape(input_shape):
+        if isinstance(input_shape, (list, tuple)) and input_shape and isinstance(input_shape[0], (list, tuple)):
+            return tuple(input_shape[0])
+        return tuple(input_shape)
+
+    def build(self, input_shape):
+        shape = self._embedding_shape(input_shape)
+        if len(shape) != 2 or shape[-1] is None:
+            raise ValueError(
+                f"{type(self).__name__}: embeddings must have shape (batch, embedding_dim) with a known "
+                f"embedding_dim; got shape {shape}. Add keras.layers.Flatten() or a pooling layer first."
+            )
+        self.kernel = self.add_weight(
+            name="kernel",
+            shape=(shape[-1], self.units),
+            initializer=self.kernel_initializer,
+            regularizer=self.kernel_regularizer,
+            constraint=self.kernel_constraint,
+        )
+
+    def cosine(self, x):
+        _validation.check_embeddings(type(self).__name__, x)
+        return cosine_matrix(x, self.kernel, self.compute_dtype)
+
+    def call(self, inputs):
+        return self.cosine(inputs)
+
+    def compute_output_shape(self, input_shape):
+        return (self._embedding_shape(input_shape)[0], self.units)
+
+    def compute_output_spec(self, inputs, *args, **kwargs):
+        x = inputs[0] if isinstance(inputs, (list, tuple)) else inputs
+        return keras.KerasTensor((x.shape[0], self.units), dtype="float32")
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({
+            "units": self.units,
+            "kernel_initializer": initializers.serialize(self.kernel_initializer),
+            "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),
+            "kernel_constraint": keras.constraints.serialize(self.kernel_constraint),
+        })
+        return config
+
+
+class MarginHead(CosineDense):
+    """Base of the margin heads: cosine output, label-aware margin logits and a matching ``loss``.
+
+    Subclasses implement ``target(cos_theta_y)`` (the objective's modified target cosine) and
+    ``make_loss()``; SphereFace also overrides the scale (|x| instead of s).
+
+    Call forms:
+    - ``head(x)``: cos(theta), shape (batch, num_classes), float32: compile with ``loss=head.loss``.
+    - ``head([x, labels], training=True)``: margin logits for
+      ``keras.losses.SparseCategoricalCrossentropy(from_logits=True)``.
+    - ``head([x, labels])`` at inference (training False/None): the same logits without the margin.
+    """
+
+    def __init__(self, num_classes: int, s: float = 30.0, **kwargs):
+        owner = type(self).__name__
+        num_classes = _validation.check_count(owner, "num_classes", num_classes, minimum=2)
+        super().__init__(num_classes, **kwargs)
+        self.s = _validation.check_number(owner, "s", s, low=0.0, low_open=True)
+
+    @property
+    def num_classes(self) -> int:
+        return self.units
+
+    @property
+    def loss(self) -> keras.losses.Loss:
+        """The cosine-path loss configured with this head's hyper-parameters."""
+        return self.make_loss()
+
+    def make_loss(self) -> keras.losses.Loss:
+        raise NotImplementedError
+
+    def target(self, cos_theta_y):
+        raise NotImplementedError
+
+    def scale(self, x):
+        """The factor that turns cosines into logits (s; SphereFace uses |x|)."""
+        return self.s
+
+    def call(self, inputs, training=None):
+        if not isinstance(inputs, (list, tuple)):
+            return self.cosine(inputs)
+        if len(inputs) != 2:
+            raise ValueError(
+                f"{type(self).__name__}: expected embeddings or [embeddings, labels]; got {len(inputs)} inputs."
+            )
+        x, labels = inputs
+        cos_theta = self.cosine(x)
+        class_ids = sparse_labels(type(self).__name__, labels, self.units)
+        if training:
+            return margin_logits(cos_theta, class_ids, self.training_target(), self.scale(x))
+        return margin_logits(cos_theta, class_ids, lambda c: c, self.scale(x))
+
+    def training_target(self):
+        """The target function used by a training call (SphereFace advances its schedule here)."""
+        return self.target
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("units")
+        config.update({"num_classes": self.units, "s": self.s})
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_margin")
+class NormFaceHead(MarginHead):
+    """NormFace normalized-softmax head (Wang et al. 2017, arXiv 1704.06369, Eq. 6).
+
+    Formula:
+    ```
+    z_j = s * cos(theta_j)    for all j (no margin); s fixed or learned (learn_scale=True)
+    ```
+
+    Args:
+        num_classes: number of classes, >= 2.
+        s: scale, or its initial value when learned (default 30.0).
+        learn_scale: learn s as a trainable scalar (label-aware form only, since the cosine-path loss
+            cannot see the learned value).
+
+    Example:
+    >>> import keras
+    >>> model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(8), NormFaceHead(10)])
+    >>> model.compile("adam", loss=model.layers[-1].loss)
+    """
+
+    def __init__(self, num_classes: int, s: float = 30.0, learn_scale: bool = False, **kwargs):
+        super().__init__(num_classes, s=s, **kwargs)
+        if not isinstance(learn_scale, bool):
+            raise ValueError(f"NormFaceHead: `learn_scale` must be a bool; got {learn_scale!r}.")
+        self.learn_scale = learn_scale
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        if self.learn_scale:
+            self.scale_weight = self.add_weight(
+                name="scale", shape=(), initializer=initializers.Constant(self.s), trainable=True
+            )
+
+    def scale(self, x):
+        return ops.cast(self.scale_weight, "float32") if self.learn_scale else self.s
+
+    def target(self, cos_theta_y):
+        return normface_target(cos_theta_y)
+
+    def make_loss(self):
+        if self.learn_scale:
+            raise ValueError(
+                "NormFaceHead(learn_scale=True): the learned scale lives in the head, which the cosine-path "
+                "loss cannot see. Use the label-aware form head([x, labels]) with "
+                "keras.losses.SparseCategoricalCrossentropy(from_logits=True), or learn_scale=False."
+            )
+        return losses.NormFaceLoss(s=self.s)
+
+    def get_config(self):
+        return {**super().get_config(), "learn_scale": self.learn_scale}
+
+
+@keras.saving.register_keras_serializable(package="keras_margin")
+class SphereFaceHead(MarginHead):
+    """SphereFace A-Softmax head (Liu et al. 2017, arXiv 1704.08063, Eq. 7), the Caffe layer's form.
+
+    Label-aware form (exactly the original ``MarginInnerProduct`` layer):
+    ```
+    lambda = max(lambda_min, base * (1 + gamma * iteration)^(-power))   (iteration advanced first)
+    z_y = |x| * (lambda * cos(theta_y) + psi(theta_y)) / (1 + lambda)
+    z_j = |x| * cos(theta_j)                                            (j != y)
+    psi(theta) = (-1)^k cos(m theta) - 2k,  k = floor(m theta / pi)
+    ```
+    ``iteration`` is a non-trainable int32 variable saved with the model; each training call adds 1
+    before computing lambda, so the first step uses lambda(1).
+
+    Cosine form: outputs cos(theta); ``loss`` is ``SphereFaceLoss(m, s, lambda_=lambda_min)``, the
+    feature-normalized variant with the schedule's final lambda (no |x|, no annealing).
+
+    Args:
+        num_classes: number of classes, >= 2.
+        m: integer margin 1..4 (default 4).
+        base, gamma, power, lambda_min: the annealing schedule (defaults 1000, 0.12, 1, 5: the released
+            SphereFace prototxt).
+        s: scale of the cosine-path loss (default 30.0).
+
+    Example:
+    >>> import numpy as np
+    >>> head = SphereFaceHead(10)
+    >>> x, y = np.random.rand(4, 8).astype("float32"), np.array([1, 2, 3, 4])
+    >>> logits = head([x, y], training=True)
+    >>> int(head.iteration.numpy())
+    1
+    """
+
+    def __init__(self, num_classes: int, m: int = 4, base: float = 1000.0, gamma: float = 0.12,
+                 power: float = 1.0, lambda_min: float = 5.0, s: float = 30.0, **kwargs):
+        super().__init__(num_classes, s=s, **kwargs)
+        owner = "SphereFaceHead"
+        if isinstance(m, bool) or m not in SUPPORTED_M:
+            raise ValueError(f"{owner}: `m` must be an integer in {SUPPORTED_M}; got {m!r}.")
+        self.m = int(m)
+        self.base = _validation.check_number(owner, "base", base, low=0.0, low_open=True)
+        self.gamma = _validation.check_number(owner, "gamma", gamma, low=0.0)
+        self.power = _validation.check_number(owner, "power", power, low=0.0)
+        self.lambda_min = _validation.check_number(owner, "lambda_min", lambda_min, low=0.0)
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self.iteration = self.add_weight(
+            name="iteration", shape=(), dtype="int32", initializer="zeros", trainable=False
+        )
+
+    def current_lambda(self):
+        return sphereface_lambda(self.iteration, self.base, self.gamma, self.power, self.lambda_min)
+
+    def scale(self, x):
+        x = ops.cast(x, "float32")
+        return ops.sqrt(ops.sum(ops.square(x), axis=-1, keepdims=True))
+
+    def target(self, cos_theta_y):
+        return sphereface_target(cos_theta_y, self.m, self.current_lambda())
+
+    def training_target(self):
+        self.iteration.assign_add(1)
+        return self.target
+
+    def make_loss(self):
+        return losses.SphereFaceLoss(m=self.m, s=self.s, lambda_=self.lambda_min)
+
+    def get_config(self):
+        return {**super().get_config(), "m": self.m, "base": self.base, "gamma": self.gamma,
+                "power": self.power, "lambda_min": self.lambda_min}
+
+
+@keras.saving.register_keras_serializable(package="keras_margin")
+class AMSoftmaxHead(MarginHead):
+    """AM-Softmax / CosFace head (Wang et al. 2018, arXiv 1801.05599, Eq. 4).
+
+    Formula:
+    ```
+    z_y = s * (cos(theta_y) - m),  z_j = s * cos(theta_j)  (j != y)
+    ```
+
+    Args:
+        num_classes: number of classes, >= 2.
+        s: scale (default 30.0). m: additive cosine margin in [0, 1] (default 0.35).
+
+    Example:
+    >>> import keras
+    >>> model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(8)])
+    >>> model.add(AMSoftmaxHead(10))
+    >>> model.compile("adam", loss=model.layers[-1].loss, jit_compile=True)
+    """
+
+    def __init__(self, num_classes: int, s: float = 30.0, m: float = 0.35, **kwargs):
+        super().__init__(num_classes, s=s, **kwargs)
+        self.m = _validation.check_number("AMSoftmaxHead", "m", m, low=0.0, high=1.0)
+
+    def target(self, cos_theta_y):
+        return amsoftmax_target(cos_theta_y, self.m)
+
+    def make_loss(self):
+        return losses.AMSoftmaxLoss(s=self.s, m=self.m)
+
+    def get_config(self):
+        return {**super().get_config(), "m": self.m}
+
+
+@keras.saving.register_keras_serializable(package="keras_margin")
+class X2SoftmaxHead(MarginHead):
+    """X2-Softmax head (Xu et al. 2023, arXiv 2312.05281, Eq. 8).
+
+    Formula:
+    ```
+    z_y = s * (a * (theta_y - h)^2 + k),  z_j = s * cos(theta_j)  (j != y)
+    ```
+
+    Args:
+        num_classes: number of classes, >= 2.
+        s, a, h, k: defaults 64.0, -0.9, 0.0, 0.65 (the authors' released training command).
+        straight_through: identity gradient through the margin, as in the authors' code (default False).
+
+    Example:
+    >>> import numpy as np
+    >>> head = X2SoftmaxHead(10)
+    >>> cos = head(np.random.rand(4, 8).astype("float32"))
+    """
+
+    def __init__(self, num_classes: int, s: float = 64.0, a: float = -0.9, h: float = 0.0, k: float = 0.65,
+                 straight_through: bool = False, **kwargs):
+        super().__init__(num_classes, s=s, **kwargs)
+        self.a, self.h, self.k, self.straight_through = check_x2softmax_parameters(
+            "X2SoftmaxHead", a, h, k, straight_through
+        )
+
+    def target(self, cos_theta_y):
+        return x2softmax_target(cos_theta_y, self.a, self.h, self.k, self.straight_through)
+
+    def make_loss(self):
+        return losses.X2SoftmaxLoss(s=self.s, a=self.a, h=self.h, k=self.k, straight_through=self.straight_through)
+
+    def get_config(self):
+        return {**super().get_config(), "a": self.a, "h": self.h, "k": self.k,
+                "straight_through": self.straight_through}
+
+
+@keras.saving.register_keras_serializable(package="keras_margin")
+class ArcFaceHead(MarginHead):
+    """ArcFace head (Deng et al. 2019, arXiv 1801.07698, Eq. 3), InsightFace's monotone fallback.
+
+    Formula:
+    ```
+    z_y = s * cos(theta_y + m)  while theta_y + m <= pi, else s * (cos(theta_y) - m sin(m))
+    z_j = s * cos(theta_j)      (j != y)
+    ```
+
+    Args:
+        num_classes: number of classes, >= 2.
+        s: scale (default 64.0). m: angular margin in radians, [0, pi) (default 0.5).
+
+    Example:
+    >>> import numpy as np
+    >>> head = ArcFaceHead(10)
+    >>> logits = head([np.random.rand(4, 8).astype("float32"), np.array([0, 1, 2, 3])], training=True)
+    """
+
+    def __init__(self, num_classes: int, s: float = 64.0, m: float = 0.5, **kwargs):
+        super().__init__(num_classes, s=s, **kwargs)
+        self.m = _validation.check_number("ArcFaceHead", "m", m, low=0.0, high=math.pi, high_open=True)
+
+    def target(self, cos_theta_y):
+        return arcface_target(cos_theta_y, self.m)
+
+    def make_loss(self):
+        return losses.ArcFaceLoss(s=self.s, m=self.m)
+
+    def get_config(self):
+        return {**super().get_config(), "m": self.m}
+

@@ -1,0 +1,34 @@
+"""NormFace (Wang et al. 2017, arXiv 1704.06369): normalized softmax, no margin, and its bound on s."""
+
+from __future__ import annotations
+
+import math
+
+
+def normface_target(cos_theta_y):
+    """Target cosine of NormFace: unchanged, ``z_y = s * cos(theta_y)``."""
+    return cos_theta_y
+
+
+def normface_scale_lower_bound(num_classes: int, probability: float) -> float:
+    """Smallest scale s with which every class can reach softmax probability P (NormFace, Sec. 3.3).
+
+    Formula:
+    ```
+    s >= (C - 1) / C * log((C - 1) * P / (1 - P))
+    ```
+
+    Args:
+        num_classes: C, the number of classes (>= 2).
+        probability: P, the target probability of the true class, in (0, 1).
+
+    Example:
+    >>> round(normface_scale_lower_bound(10516, 0.9), 2)
+    11.46
+    """
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
+        raise ValueError(f"`num_classes` must be an integer >= 2; got {num_classes!r}.")
+    if not 0.0 < float(probability) < 1.0:
+        raise ValueError(f"`probability` must be in (0, 1); got {probability!r}.")
+    c, p = num_classes, float(probability)
+    return (c - 1) / c * math.log((c - 1) * p / (1 - p))

@@ -1,0 +1,35 @@
+"""X2-Softmax (Xu et al. 2023, arXiv 2312.05281, Eq. 8): a quadratic, angle-adaptive target logit."""
+
+from __future__ import annotations
+
+import math
+
+from keras import ops
+
+from keras_margin import _validation
+
+from keras_margin.margins._clamp import clamp_cos
+
+
+def x2softmax_target(cos_theta_y, a: float, h: float, k: float, straight_through: bool = False):
+    """Quadratic target ``z_y / s = a * (theta_y - h)^2 + k`` with ``theta_y = arccos(cos_theta_y)``.
+
+    With ``straight_through=True`` the value is the same but the gradient w.r.t. ``cos_theta_y`` is the
+    identity, as in the authors' PyTorch code (margin computed under ``no_grad``). The default is the
+    analytic gradient ``2a(theta_y - h) * (-1 / sin(theta_y))``, finite thanks to the cosine clamp.
+    """
+    theta = ops.arccos(clamp_cos(cos_theta_y))
+    target = a * ops.square(theta - h) + k
+    if straight_through:
+        return cos_theta_y + ops.stop_gradient(target - cos_theta_y)
+    return target
+
+
+def check_x2softmax_parameters(owner: str, a, h, k, straight_through) -> tuple[float, float, float, bool]:
+    """Check X2-Softmax's hyper-parameters: a < 0 (a downward parabola), h in [0, pi), k in [-1, 1]."""
+    a = _validation.check_number(owner, "a", a, high=0.0, high_open=True)
+    h = _validation.check_number(owner, "h", h, low=0.0, high=math.pi, high_open=True)
+    k = _validation.check_number(owner, "k", k, low=-1.0, high=1.0)
+    if not isinstance(straight_through, bool):
+        raise ValueError(f"{owner}: `straight_through` must be a bool; got {straight_through!r}.")
+    return a, h, k, straight_through
