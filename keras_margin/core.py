@@ -66,16 +66,23 @@ def margin_logits(cos_theta, class_ids, target: TargetFn, scale):
     is_target = ops.equal(ops.arange(num_classes, dtype="int32")[None, :], class_ids[:, None])
     cos_y = ops.sum(ops.where(is_target, cos_theta, 0.0), axis=-1)
     z = scale * ops.where(is_target, target(cos_y)[:, None], cos_theta)
-    valid = ops.logical_and(class_ids >= 0, class_ids < num_classes)
-    return ops.where(valid[:, None], z, float("nan"))
+    return ops.where(_valid(class_ids, num_classes)[:, None], z, float("nan"))
 
 
 def softmax_cross_entropy(logits, class_ids):
-    """Per-sample ``logsumexp(z) - z_y`` in float32."""
+    """Per-sample ``logsumexp(z) - z_y`` in float32; NaN for a class id outside [0, C)."""
     logits = ops.cast(logits, "float32")
-    is_target = ops.equal(ops.arange(logits.shape[-1], dtype="int32")[None, :], class_ids[:, None])
+    num_classes = logits.shape[-1]
+    is_target = ops.equal(ops.arange(num_classes, dtype="int32")[None, :], class_ids[:, None])
     target_logit = ops.sum(ops.where(is_target, logits, 0.0), axis=-1)
-    return ops.logsumexp(logits, axis=-1) - target_logit
+    loss = ops.logsumexp(logits, axis=-1) - target_logit
+    # Marked here as well as in margin_logits: XLA's CPU math does not promise NaN propagation
+    # through exp/log, but a select of a NaN constant survives.
+    return ops.where(_valid(class_ids, num_classes), loss, float("nan"))
+
+
+def _valid(class_ids, num_classes: int):
+    return ops.logical_and(class_ids >= 0, class_ids < num_classes)
 
 
 def margin_softmax_loss(owner: str, y_true, cos_theta, target: TargetFn, scale):

@@ -253,11 +253,11 @@ class SphereFaceHead(MarginHead):
         s: scale of the cosine-path loss (default 30.0).
 
     Example:
-    >>> import numpy as np
+    >>> import numpy as np, keras
     >>> head = SphereFaceHead(10)
     >>> x, y = np.random.rand(4, 8).astype("float32"), np.array([1, 2, 3, 4])
     >>> logits = head([x, y], training=True)
-    >>> int(head.iteration.numpy())
+    >>> int(keras.ops.convert_to_numpy(head.iteration))
     1
     """
 
