@@ -1,0 +1,221 @@
+"""Independent NumPy (float64) references for the margin-softmax losses, written from the papers' formulas.
+
+Owns cosines, target logits, softmax cross-entropy, reductions, NormFace's bound on s and finite
+differences; it imports nothing from keras_margin, so the tests compare two independent computations.
+
+Sources (see shared/research/losses.md): NormFace (arXiv 1704.06369), SphereFace (1704.08063),
+AM-Softmax (1801.05599), ArcFace and InsightFace's combined margin (1801.07698), X2-Softmax (2312.05281).
+"""
+
+import numpy as np
+
+#: The clamp the fact sheet asks for before any arccos: cos is kept in [-1 + eps, 1 - eps].
+CLAMP_EPS = 1e-7
+
+
+# --------------------------------------------------------------------------------------------------
+# Cosines and angles
+# --------------------------------------------------------------------------------------------------
+def cosine(x, kernel):
+    """cos(theta_j) = <x/|x|, W_j/|W_j|> with W in Keras layout (d, C), normalized per class (column)."""
+    x = np.asarray(x, dtype=np.float64)
+    kernel = np.asarray(kernel, dtype=np.float64)
+    x_unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    w_unit = kernel / np.linalg.norm(kernel, axis=0, keepdims=True)
+    return x_unit @ w_unit
+
+
+def clamp_bounds(eps=CLAMP_EPS):
+    """The bounds [-1 + eps, 1 - eps] as they land in float32, the dtype the package computes margins in.
+
+    float32(1 - 1e-7) is 1 - 2**-23: the float64 value 1 - 1e-7 is not representable there, and at
+    cos = +-1 the target logit depends on the bound actually used (X2 at cos = -1: d z/d theta ~ 362).
+    """
+    return float(np.float32(-1.0 + eps)), float(np.float32(1.0 - eps))
+
+
+def angle(cos, eps=CLAMP_EPS):
+    """theta = arccos(cos) after the fact sheet's clamp (used by every objective written in theta)."""
+    lo, hi = clamp_bounds(eps)
+    return np.arccos(np.clip(np.asarray(cos, dtype=np.float64), lo, hi))
+
+
+# --------------------------------------------------------------------------------------------------
+# Target logits z_y (one per objective); every other logit is s * cos(theta_j)
+# --------------------------------------------------------------------------------------------------
+def normface_target(cos, s):
+    """NormFace: z_y = s * cos(theta_y) (no margin)."""
+    return s * np.asarray(cos, dtype=np.float64)
+
+
+def amsoftmax_target(cos, s, m):
+    """AM-Softmax / CosFace: z_y = s * (cos(theta_y) - m)."""
+    return s * (np.asarray(cos, dtype=np.float64) - m)
+
+
+def arcface_target(cos, s, m, eps=CLAMP_EPS):
+    """ArcFace, InsightFace convention: s*cos(theta + m) while theta + m <= pi, else s*(cos - m*sin(m))."""
+    cos = np.asarray(cos, dtype=np.float64)
+    theta = angle(cos, eps)
+    with_margin = np.cos(theta + m)
+    fallback = cos - m * np.sin(m)
+    return s * np.where(theta + m <= np.pi, with_margin, fallback)
+
+
+def arcface_threshold(m):
+    """The cosine where ArcFace switches to its fallback: cos(pi - m) (the target logit jumps there)."""
+    return float(np.cos(np.pi - m))
+
+
+def combined_target(cos, s, m1, m2, m3, eps=CLAMP_EPS):
+    """InsightFace combined margin: z_y = s * (cos(m1*theta + m2) - m3) (plain formula, no fallback)."""
+    theta = angle(cos, eps)
+    return s * (np.cos(m1 * theta + m2) - m3)
+
+
+def x2_target(cos, s, a, h, k, eps=CLAMP_EPS):
+    """X2-Softmax: z_y = s * (a*(theta - h)^2 + k), theta from the clamped cosine."""
+    theta = angle(cos, eps)
+    return s * (a * (theta - h) ** 2 + k)
+
+
+def x2_target_derivative(cos, s, a, h, eps=CLAMP_EPS):
+    """Analytic d z_y / d cos(theta_y) = s * 2a(theta - h) * (-1/sin(theta)) (inside the clamp)."""
+    theta = angle(cos, eps)
+    return s * 2.0 * a * (theta - h) * (-1.0 / np.sin(theta))
+
+
+def psi(cos, m):
+    """SphereFace psi(theta) = (-1)^k cos(m*theta) - 2k, k = floor(m*theta/pi) clipped to m-1.
+
+    Computed through arccos (the package uses Chebyshev polynomials and no arccos: independent routes).
+    """
+    theta = np.arccos(np.clip(np.asarray(cos, dtype=np.float64), -1.0, 1.0))
+    k = np.minimum(np.floor(m * theta / np.pi), m - 1)
+    return (-1.0) ** k * np.cos(m * theta) - 2.0 * k
+
+
+def sphereface_boundaries(m):
+    """The cosines cos(j*pi/m), j = 1..m-1, where psi's branch k changes."""
+    return [float(np.cos(j * np.pi / m)) for j in range(1, m)]
+
+
+def sphereface_target(cos, m, s, lam=0.0):
+    """Feature-normalized SphereFace: z_y = s * (lam*cos + psi(theta)) / (1 + lam) (not the original)."""
+    cos = np.asarray(cos, dtype=np.float64)
+    return s * (lam * cos + psi(cos, m)) / (1.0 + lam)
+
+
+def sphereface_lambda(iteration, base=1000.0, gamma=0.12, power=1.0, lambda_min=5.0):
+    """Caffe MarginInnerProduct's annealing: max(lambda_min, base * (1 + gamma*iteration)^(-power))."""
+    return max(lambda_min, base * (1.0 + gamma * iteration) ** (-power))
+
+
+def sphereface_caffe_logits(x, kernel, labels, m, lam):
+    """Label-aware (original Caffe) SphereFace: target |x|*(lam*cos + psi)/(1+lam), others |x|*cos."""
+    x = np.asarray(x, dtype=np.float64)
+    norms = np.linalg.norm(x, axis=1)
+    cos = cosine(x, kernel)
+    labels = sparse_labels(labels, cos.shape[1])
+    logits = norms[:, None] * cos
+    rows = np.arange(len(labels))
+    cos_y = cos[rows, labels]
+    logits[rows, labels] = norms * (lam * cos_y + psi(cos_y, m)) / (1.0 + lam)
+    return logits
+
+
+# --------------------------------------------------------------------------------------------------
+# Logits, cross-entropy, reductions
+# --------------------------------------------------------------------------------------------------
+def sparse_labels(y_true, num_classes):
+    """Class ids (batch,) from (batch,), (batch, 1) ids or a one-hot (batch, C)."""
+    y = np.asarray(y_true)
+    if y.ndim == 2 and y.shape[1] == num_classes and num_classes > 1:
+        return np.argmax(y, axis=1).astype(np.int64)
+    return y.reshape(-1).astype(np.int64)
+
+
+def margin_logits(cos, labels, s, target_logit):
+    """z_j = s * cos_j for every class, then z_y replaced by target_logit(cos_y)."""
+    cos = np.asarray(cos, dtype=np.float64)
+    labels = sparse_labels(labels, cos.shape[1])
+    rows = np.arange(cos.shape[0])
+    logits = s * cos
+    logits[rows, labels] = target_logit(cos[rows, labels])
+    return logits
+
+
+def logsumexp(logits):
+    """Stable log-sum-exp over the last axis, float64."""
+    z = np.asarray(logits, dtype=np.float64)
+    top = np.max(z, axis=-1, keepdims=True)
+    return (top + np.log(np.sum(np.exp(z - top), axis=-1, keepdims=True)))[..., 0]
+
+
+def softmax(logits):
+    z = np.asarray(logits, dtype=np.float64)
+    e = np.exp(z - np.max(z, axis=-1, keepdims=True))
+    return e / np.sum(e, axis=-1, keepdims=True)
+
+
+def softmax_cross_entropy(logits, labels):
+    """Per-sample -log(exp(z_y) / sum_j exp(z_j)) = logsumexp(z) - z_y."""
+    z = np.asarray(logits, dtype=np.float64)
+    labels = sparse_labels(labels, z.shape[1])
+    return logsumexp(z) - z[np.arange(z.shape[0]), labels]
+
+
+def softmax_cross_entropy_grad(logits, labels):
+    """d loss_i / d z_ij = softmax(z_i)_j - [j == y_i] (per sample, before any reduction)."""
+    z = np.asarray(logits, dtype=np.float64)
+    labels = sparse_labels(labels, z.shape[1])
+    grad = softmax(z)
+    grad[np.arange(z.shape[0]), labels] -= 1.0
+    return grad
+
+
+def reduce(per_sample, sample_weight=None, reduction="sum_over_batch_size"):
+    """Keras' reductions: None -> w*l; "sum" -> sum(w*l); "sum_over_batch_size" -> sum(w*l) / batch."""
+    values = np.asarray(per_sample, dtype=np.float64)
+    if sample_weight is not None:
+        values = values * np.asarray(sample_weight, dtype=np.float64).reshape(values.shape)
+    if reduction is None or reduction == "none":
+        return values
+    if reduction == "sum":
+        return np.sum(values)
+    if reduction == "sum_over_batch_size":
+        return np.sum(values) / values.size
+    raise ValueError(f"unknown reduction {reduction!r}")
+
+
+def margin_loss(cos, labels, s, target_logit, sample_weight=None, reduction="sum_over_batch_size"):
+    """The whole objective: cross-entropy over margin_logits, then Keras' reduction."""
+    per_sample = softmax_cross_entropy(margin_logits(cos, labels, s, target_logit), labels)
+    return reduce(per_sample, sample_weight, reduction)
+
+
+# --------------------------------------------------------------------------------------------------
+# NormFace's bound and finite differences
+# --------------------------------------------------------------------------------------------------
+def normface_scale_lower_bound(num_classes, probability):
+    """NormFace: s >= (C-1)/C * ln((C-1) * P / (1-P))."""
+    c = float(num_classes)
+    p = float(probability)
+    return (c - 1.0) / c * np.log((c - 1.0) * p / (1.0 - p))
+
+
+def central_difference(fn, x, step=1e-6):
+    """d fn / d x by central differences, element by element, in float64 (fn maps an array to a scalar)."""
+    x = np.array(x, dtype=np.float64)
+    grad = np.zeros_like(x)
+    flat = x.reshape(-1)
+    grad_flat = grad.reshape(-1)
+    for i in range(flat.size):
+        saved = flat[i]
+        flat[i] = saved + step
+        up = float(fn(x))
+        flat[i] = saved - step
+        down = float(fn(x))
+        flat[i] = saved
+        grad_flat[i] = (up - down) / (2.0 * step)
+    return grad
