@@ -1,0 +1,241 @@
+"""Build stage, part 3: the loop over the plan that asks each layer's handler for Keras layers and weights.
+
+It owns the Keras naming of layers, the check and assignment of converted weights, and the public entry
+points ``convert`` (everything the conversion learned) and ``load_caffe_model`` (just the Keras model).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import keras
+import numpy as np
+
+from converters.caffe import registry
+from converters.caffe.errors import CaffeWarning, ConversionError
+from converters.caffe.planner import Plan, plan_net
+from converters.caffe.reader import Caffemodel, CaffeNet, read_caffemodel, read_prototxt
+from converters.caffe.registry import PlannedLayer
+from converters.caffe.shapes import keras_shape
+
+__all__ = ["BuildContext", "Conversion", "build_model", "convert", "load_caffe_model"]
+
+ProgressFn = Callable[[int, int, str], None]
+
+
+class BuildContext:
+    """What handlers get besides their layer: unique Keras names and which blobs the model needs."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self._taken: set[str] = set()
+        self.created: dict[str, list[str]] = {}  # Caffe layer name -> Keras layer names given to it
+
+    def _unique(self, base: str) -> str:
+        base = re.sub(r"[^A-Za-z0-9_.\-]", "_", base) or "layer"
+        name, index = base, 1
+        while name in self._taken:
+            name, index = f"{base}_{index}", index + 1
+        self._taken.add(name)
+        return name
+
+    def name(self, layer: PlannedLayer, suffix: str = "") -> str:
+        """A unique Keras layer name: the Caffe layer name (sanitised), plus ``_suffix`` for helper layers."""
+        name = self._unique(f"{layer.name}_{suffix}" if suffix else layer.name)
+        self.created.setdefault(layer.name, []).append(name)
+        return name
+
+    def name_for_blob(self, blob_name: str) -> str:
+        """A unique Keras name for a model input named after a Caffe blob."""
+        return self._unique(blob_name)
+
+    def needed(self, blob_id: str) -> bool:
+        """Whether some layer or the model's outputs use blob ``blob_id``."""
+        return blob_id in self.plan.needed
+
+
+@dataclass
+class Conversion:
+    """The result of ``convert``: the Keras model and what the conversion learned on the way."""
+
+    model: keras.Model
+    plan: Plan
+    tensors: dict  # blob id -> Keras tensor of the model's graph (for layer-by-layer parity probes)
+    heads: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def warnings(self) -> list[str]:
+        """Caveats worth a user's attention (unknown fields, missing weights, layers converted literally)."""
+        plan, found = self.plan, []
+        if plan.unknown_fields:
+            shown = "; ".join(str(f) for f in plan.unknown_fields[:6])
+            more = f" (+{len(plan.unknown_fields) - 6} more)" if len(plan.unknown_fields) > 6 else ""
+            found.append(f"{len(plan.unknown_fields)} prototxt field(s) unknown to the schema were skipped: "
+                         f"{shown}{more}")
+        if plan.missing_weights:
+            found.append(f"the caffemodel has no weights for {plan.missing_weights}; they are initialised from "
+                         "the prototxt fillers, as Caffe would")
+        found.extend(plan.warnings)
+        return found
+
+
+def _assign(layer: PlannedLayer, keras_layer, arrays) -> None:
+    expected = [tuple(weight.shape) for weight in keras_layer.weights]
+    given = [tuple(np.shape(array)) for array in arrays]
+    if expected != given:
+        raise layer.error(
+            f"converted weights have shapes {given} but Keras layer '{keras_layer.name}' holds {expected}; "
+            "the handler's weight transform is wrong"
+        )
+    keras_layer.set_weights([np.asarray(array) for array in arrays])
+
+
+def _frozen(layer: PlannedLayer) -> bool:
+    """Caffe never updates a layer whose every blob has lr_mult 0 (BatchNorm's statistics are not gradients:
+    its handler follows use_global_stats instead)."""
+    specs = layer.param.param
+    return (layer.type != "BatchNorm" and bool(layer.weight_shapes) and len(specs) >= len(layer.weight_shapes)
+            and all(spec.lr_mult == 0 for spec in specs[: len(layer.weight_shapes)]))
+
+
+def _load_weights(layer: PlannedLayer, caffemodel: Caffemodel) -> list[np.ndarray]:
+    arrays = []
+    for name in layer.weight_layers:
+        arrays.extend(caffemodel.blobs(name))
+    arrays = arrays[: len(layer.weight_shapes)]
+    return [array.reshape(shape) for array, shape in zip(arrays, layer.weight_shapes)]
+
+
+def build_model(plan: Plan, caffemodel: Caffemodel | None = None, progress: ProgressFn | None = None) -> Conversion:
+    """Build the Keras model of ``plan`` (weights from ``caffemodel`` where the plan found them)."""
+    ctx = BuildContext(plan)
+    tensors: dict = {}
+    model_inputs, notes, heads = [], [], []
+    total = len(plan.layers)
+    for done, layer in enumerate(plan.layers, start=1):
+        handler = registry.lookup(layer.type)
+        inputs = [tensors[bottom] for bottom in layer.bottoms]
+        weights = _load_weights(layer, caffemodel) if (layer.weights_found and caffemodel is not None) else None
+        try:
+            built = handler.build(ctx, layer, inputs, weights)
+        except ConversionError:
+            raise
+        except (ValueError, TypeError, NotImplementedError) as error:
+            raise layer.error(f"Keras could not build it: {error}") from None
+        del weights  # the Caffe-layout blobs: free them before Keras copies the converted ones
+        if len(built.outputs) != len(layer.tops):
+            raise layer.error(f"its handler returned {len(built.outputs)} outputs for {len(layer.tops)} tops")
+        for top, tensor, shape in zip(layer.tops, built.outputs, layer.output_shapes):
+            if tensor is None:
+                continue
+            planned = keras_shape(shape)[1:]
+            if tuple(tensor.shape[1:]) != tuple(planned):
+                raise layer.error(f"Keras produced shape {tuple(tensor.shape)} for top '{top}', the plan says "
+                                  f"{(None, *planned)} (Keras order)")
+            tensors[top] = tensor
+        for keras_layer, arrays in built.weights:
+            _assign(layer, keras_layer, arrays)
+        model_inputs.extend(built.model_inputs)
+        notes.extend(built.notes)
+        if layer.type.startswith("keras_margin."):
+            heads.append(_describe_head(layer))
+        if progress is not None:
+            progress(done, total, layer.name)
+    missing = [top for top in plan.outputs if top not in tensors]
+    if missing:
+        raise ConversionError(f"outputs {missing} were not built")
+    outputs = [tensors[top] for top in plan.outputs]
+    name = re.sub(r"[^A-Za-z0-9_.\-]", "_", plan.name or "caffe_model")
+    model = keras.Model(model_inputs if len(model_inputs) > 1 else model_inputs[0],
+                        outputs if len(outputs) > 1 else outputs[0], name=name)
+    model_layers = {keras_layer.name: keras_layer for keras_layer in model.layers}
+    for layer in plan.layers:
+        if _frozen(layer):
+            for keras_name in ctx.created.get(layer.name, []):
+                if keras_name in model_layers:
+                    model_layers[keras_name].trainable = False
+            notes.append(f"layer '{layer.name}': every param has lr_mult 0 in the prototxt; its Keras layers are "
+                         "frozen (trainable=False)")
+    return Conversion(model=model, plan=plan, tensors=tensors, heads=heads, notes=notes)
+
+
+_HEAD_KEYS = {
+    "keras_margin.AMSoftmaxHead": ("num_classes", "s", "m"),
+    "keras_margin.NormFaceHead": ("num_classes", "s"),
+    "keras_margin.CosineDense": ("num_classes",),
+    "keras_margin.SphereFaceHead": ("num_classes", "m", "base", "gamma", "power", "lambda_min", "iteration"),
+}
+
+
+def _describe_head(layer: PlannedLayer) -> str:
+    """E.g. "AMSoftmaxHead 'fc6_l2' (num_classes=10516, s=30, m=0.35)"."""
+    values = [(key, layer.attrs[key]) for key in _HEAD_KEYS.get(layer.type, ())]
+    text = ", ".join(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}" for key, value in values)
+    return f"{layer.type.split('.', 1)[1]} '{layer.name}' ({text})"
+
+
+def convert(prototxt: str | os.PathLike | CaffeNet, caffemodel: str | os.PathLike | Caffemodel | None = None,
+            phase: str = "TEST", *, input_shape: Sequence[int] | Mapping[str, Sequence[int]] | None = None,
+            progress: ProgressFn | None = None) -> Conversion:
+    """Convert a Caffe net and return the model with its plan, heads, notes and warnings.
+
+    Args: as ``load_caffe_model``, plus ``progress(done, total, layer_name)`` called after each layer.
+
+    Example:
+    >>> import tempfile, os
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     proto = os.path.join(tmp, "net.prototxt")
+    ...     _ = open(proto, "w").write('input: "data" input_dim: 1 input_dim: 3 input_dim: 8 input_dim: 8 '
+    ...         'layer { name: "conv" type: "Convolution" bottom: "data" top: "conv" '
+    ...         '        convolution_param { num_output: 4 kernel_size: 3 stride: 2 pad: 1 } }')
+    ...     conversion = convert(proto)
+    >>> conversion.model.output_shape, conversion.plan.parameter_count
+    ((None, 4, 4, 4), 112)
+    """
+    net = prototxt if isinstance(prototxt, CaffeNet) else read_prototxt(prototxt)
+    weights = caffemodel if (caffemodel is None or isinstance(caffemodel, Caffemodel)) else read_caffemodel(caffemodel)
+    plan = plan_net(net, weights, phase, input_shape)
+    return build_model(plan, weights, progress)
+
+
+def load_caffe_model(prototxt: str | os.PathLike, caffemodel: str | os.PathLike | None = None,
+                     phase: str = "TEST", *,
+                     input_shape: Sequence[int] | Mapping[str, Sequence[int]] | None = None) -> keras.Model:
+    """Convert a Caffe .prototxt (+ .caffemodel) into a Keras model computing what Caffe computes.
+
+    Args:
+        prototxt: the network description (current or V1 format; legacy input declarations allowed).
+        caffemodel: the weights (current or V1 format); None initialises them from the prototxt's fillers
+            (Keras defaults where none is given).
+        phase: "TEST" (default: the deploy net) or "TRAIN" (keeps TRAIN-only layers, e.g. to rebuild a
+            training head). A normalised InnerProduct -> LabelSpecificAdd -> Scale chain becomes an
+            ``AMSoftmaxHead``, MarginInnerProduct a ``SphereFaceHead``; heads output cos(theta) and are
+            compiled with ``loss=head.loss``.
+        input_shape: (C, H, W) of the input, or {blob name: (C, H, W)}, when the prototxt's data layer does
+            not give the image size (e.g. ImageData without new_height/new_width).
+
+    Tensors are NHWC: a Caffe blob (N, C, H, W) is (N, H, W, C) in Keras. Raises ``ConversionError``;
+    emits ``CaffeWarning`` for unknown prototxt fields, missing weights and layers converted literally.
+
+    Example:
+    >>> import tempfile, os, numpy as np
+    >>> from converters.caffe.writer import write_caffemodel
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     proto, weights = os.path.join(tmp, "net.prototxt"), os.path.join(tmp, "net.caffemodel")
+    ...     _ = open(proto, "w").write('input: "data" input_dim: 1 input_dim: 4 input_dim: 1 input_dim: 1 '
+    ...         'layer { name: "fc" type: "InnerProduct" bottom: "data" top: "fc" '
+    ...         '        inner_product_param { num_output: 2 } }')
+    ...     _ = write_caffemodel(weights, [("fc", "InnerProduct", [np.eye(2, 4), np.zeros(2)])])
+    ...     model = load_caffe_model(proto, weights)
+    >>> model(np.arange(4, dtype="float32").reshape(1, 1, 1, 4)).numpy().tolist()
+    [[0.0, 1.0]]
+    """
+    conversion = convert(prototxt, caffemodel, phase, input_shape=input_shape)
+    for message in conversion.warnings:
+        warnings.warn(message, CaffeWarning, stacklevel=2)
+    return conversion.model

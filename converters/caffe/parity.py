@@ -1,0 +1,528 @@
+"""Verify stage: run the converted model and a reference on the same inputs and compare every blob.
+
+References: OpenCV's own Caffe importer (``cv2.dnn.readNetFromCaffe``) on the planned net and the same
+caffemodel, with the fork layers it lacks registered as Python layers; or blobs dumped from real Caffe
+into an ``.npz`` (read with ``allow_pickle=False`` after checking every array's claimed size).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+from google.protobuf import text_format
+
+from converters.caffe import registry, schema
+from converters.caffe.builder import Conversion, convert
+from converters.caffe.errors import ConversionError
+from converters.caffe.handlers import DATA_LAYER_TYPES
+from converters.caffe.planner import Plan, TRAINING_ONLY_TYPES
+
+__all__ = ["BlobParity", "ParityReport", "parity_report", "opencv_reference", "load_reference_npz",
+           "opencv_prototxt", "MAX_NPZ_BYTES"]
+
+#: An .npz of dumped blobs larger than this is refused before it is read.
+MAX_NPZ_BYTES = 2**32
+
+
+@dataclass(frozen=True)
+class BlobParity:
+    """One compared blob: the converted model's value against the reference's."""
+
+    layer: str
+    blob: str
+    shape: tuple
+    max_abs: float
+    max_rel: float  # max_abs / max |reference|
+    cosine: float
+    ok: bool
+    note: str = ""
+
+
+@dataclass
+class ParityReport:
+    """Layer-by-layer comparison, in network order; ``first_divergence`` names the first blob out of tolerance.
+
+    A blob diverges when ``max_abs > atol + rtol * max|reference|``.
+    """
+
+    reference: str
+    rows: list[BlobParity]
+    atol: float
+    rtol: float
+    skipped: list[str] = field(default_factory=list)
+    batch_size: int = 0
+
+    @property
+    def first_divergence(self) -> BlobParity | None:
+        return next((row for row in self.rows if not row.ok), None)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.rows) and self.first_divergence is None
+
+    def row(self, blob: str) -> BlobParity:
+        """The row of Caffe blob ``blob`` (its last version when in-place layers rewrite it)."""
+        matches = [row for row in self.rows if row.blob == blob]
+        if not matches:
+            raise KeyError(f"blob {blob!r} was not compared; compared: {[row.blob for row in self.rows]}")
+        return matches[-1]
+
+    def summary(self) -> str:
+        """Two lines: what was compared, and the verdict (the first divergent blob, or the last blob's figures)."""
+        head = (f"parity vs {self.reference}: {len(self.rows)} blobs compared on a batch of {self.batch_size} "
+                f"(tolerance {self.atol:g} + {self.rtol:g} * max|ref|)")
+        bad = self.first_divergence
+        if bad is not None:
+            return (f"{head}\n  FIRST DIVERGENCE at blob '{bad.blob}' (layer '{bad.layer}'): max abs {bad.max_abs:.3g}, "
+                    f"max rel {bad.max_rel:.3g}, cosine {bad.cosine:.6f}{' - ' + bad.note if bad.note else ''}")
+        if not self.rows:
+            return f"{head}\n  nothing was comparable"
+        worst = max(self.rows, key=lambda row: row.max_abs)
+        last = self.rows[-1]
+        return (f"{head}\n  all within tolerance; output '{last.blob}': max abs {last.max_abs:.3g}, "
+                f"max rel {last.max_rel:.3g}, cosine {last.cosine:.6f}; worst blob '{worst.blob}' max abs "
+                f"{worst.max_abs:.3g}")
+
+    def __str__(self) -> str:
+        lines = [f"{'blob':<28} {'layer':<28} {'shape':<20} {'max abs':>9} {'max rel':>9} {'cosine':>9}  ok"]
+        for row in self.rows:
+            lines.append(f"{row.blob[:28]:<28} {row.layer[:28]:<28} {str(row.shape)[:20]:<20} {row.max_abs:9.2e} "
+                         f"{row.max_rel:9.2e} {row.cosine:9.6f}  {'ok' if row.ok else 'DIVERGES'}"
+                         + (f"  ({row.note})" if row.note else ""))
+        return "\n".join(lines + [self.summary()])
+
+
+def _compare(layer: str, blob: str, value: np.ndarray, reference: np.ndarray, atol: float, rtol: float,
+             note: str = "") -> BlobParity:
+    value = np.asarray(value, np.float64)
+    reference = np.asarray(reference, np.float64)
+    if value.shape != reference.shape:
+        if value.size == reference.size:
+            reference = reference.reshape(value.shape)
+        else:
+            return BlobParity(layer, blob, tuple(value.shape), math.inf, math.inf, 0.0, False,
+                              f"shape {tuple(value.shape)} vs reference {tuple(reference.shape)}")
+    diff = np.abs(value - reference)
+    max_abs = float(diff.max()) if diff.size else 0.0
+    scale = float(np.abs(reference).max()) if reference.size else 0.0
+    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
+    norms = float(np.linalg.norm(value)) * float(np.linalg.norm(reference))
+    cosine = float(np.dot(value.ravel(), reference.ravel()) / norms) if norms > 0 else (1.0 if max_abs == 0 else 0.0)
+    ok = bool(np.isfinite(value).all()) and max_abs <= atol + rtol * scale
+    return BlobParity(layer, blob, tuple(value.shape), max_abs, max_rel, cosine, ok, note)
+
+
+# ----------------------------------------------------------------------------------------------------
+# .npz references (blobs dumped from Caffe)
+# ----------------------------------------------------------------------------------------------------
+
+
+def load_reference_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Blobs dumped from Caffe, e.g. ``np.savez("ref.npz", **{k: v.data for k, v in net.blobs.items()})``.
+
+    Data only: pickled (object) arrays are refused, and each array's claimed shape is checked against the
+    bytes stored for it before NumPy allocates it.
+    """
+    path = os.fspath(path)
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        raise ConversionError(f"{path}: no such reference .npz file") from None
+    if size > MAX_NPZ_BYTES:
+        raise ConversionError(f"{path}: {size} bytes is larger than the {MAX_NPZ_BYTES} accepted for a reference")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if not info.filename.endswith(".npy"):
+                    raise ConversionError(f"{path}: member {info.filename!r} is not a .npy array")
+                with archive.open(info) as member:
+                    version = np.lib.format.read_magic(member)
+                    if version == (1, 0):
+                        shape, fortran, dtype = np.lib.format.read_array_header_1_0(member)
+                    else:
+                        shape, fortran, dtype = np.lib.format.read_array_header_2_0(member)
+                    header = member.tell()
+                if dtype.hasobject:
+                    raise ConversionError(f"{path}: array {info.filename!r} holds Python objects; only numbers are read")
+                claimed = math.prod(shape) * dtype.itemsize
+                if claimed != info.file_size - header:
+                    raise ConversionError(
+                        f"{path}: array {info.filename!r} claims shape {shape} ({claimed} bytes) but stores "
+                        f"{info.file_size - header} bytes"
+                    )
+    except zipfile.BadZipFile:
+        raise ConversionError(f"{path}: not an .npz file (np.savez writes a zip archive)") from None
+    except ValueError as error:
+        raise ConversionError(f"{path}: malformed .npy header: {error}") from None
+    with np.load(path, allow_pickle=False) as data:
+        return {name: np.asarray(data[name]) for name in data.files}
+
+
+# ----------------------------------------------------------------------------------------------------
+# OpenCV reference
+# ----------------------------------------------------------------------------------------------------
+
+
+class _PyLayer:
+    def __init__(self, params, blobs):
+        self.config = json.loads(params.get("param_str") or "{}")
+        self.blobs = [np.asarray(blob, np.float32) for blob in blobs]
+
+    def getMemoryShapes(self, inputs):  # noqa: N802 (OpenCV's name)
+        return [inputs[0]]
+
+
+class _FlipLayer(_PyLayer):
+    def forward(self, inputs):
+        x = inputs[0]
+        if x.ndim == 4 and self.config.get("width", True):
+            x = x[..., ::-1]
+        if x.ndim == 4 and self.config.get("height", False):
+            x = x[..., ::-1, :]
+        return [np.ascontiguousarray(x)]
+
+
+class _NormalizeLayer(_PyLayer):
+    def forward(self, inputs):
+        x = inputs[0].astype(np.float64)
+        if self.config.get("type", "L2") == "L2":
+            y = x / np.sqrt(np.sum(x * x, axis=1, keepdims=True) + 1e-6)
+        else:
+            y = x / (np.sum(np.abs(x), axis=1, keepdims=True) + 1e-6)
+        return [y.astype(np.float32)]
+
+
+class _RowNormalizedInnerProduct(_PyLayer):
+    """InnerProduct ``normalize: true`` (eps 1e-6) and MarginInnerProduct's label-free ``x . w_hat`` (eps 0)."""
+
+    def _axis(self, shape):
+        axis = self.config.get("axis", 1)
+        return axis + len(shape) if axis < 0 else axis
+
+    def getMemoryShapes(self, inputs):  # noqa: N802
+        return [list(inputs[0][: self._axis(inputs[0])]) + [self.config["num_output"]]]
+
+    def forward(self, inputs):
+        x = inputs[0]
+        axis = self._axis(x.shape)
+        n = self.config["num_output"]
+        weight = self.blobs[0].astype(np.float64).reshape(n, -1)
+        weight = weight / np.sqrt(np.sum(weight * weight, axis=1, keepdims=True) + self.config.get("eps", 0.0))
+        weight = weight.reshape(-1, n) if self.config.get("transpose") else weight.T  # (K, N)
+        flat = x.reshape(*x.shape[:axis], -1).astype(np.float64)
+        y = flat @ weight
+        if self.config.get("bias_term") and len(self.blobs) > 1:
+            y = y + self.blobs[1].reshape(-1)
+        return [y.astype(np.float32)]
+
+
+class _ClampedScale(_PyLayer):
+    def forward(self, inputs):
+        x = inputs[0]
+        axis, num_axes = self.config["axis"], self.config["num_axes"]
+        axis = axis + x.ndim if axis < 0 else axis
+        stop = x.ndim if num_axes == -1 else axis + num_axes
+        shape = [1] * x.ndim
+        shape[axis:stop] = x.shape[axis:stop]
+        scale = np.clip(self.blobs[0], self.config.get("min"), self.config.get("max"))
+        y = x * scale.reshape(shape if num_axes else [1] * x.ndim)
+        if self.config.get("bias_term"):
+            y = y + self.blobs[1].reshape(shape if num_axes else [1] * x.ndim)
+        return [y.astype(np.float32)]
+
+
+_PY_LAYERS = {
+    "KerasMarginFlip": _FlipLayer,
+    "KerasMarginNormalize": _NormalizeLayer,
+    "KerasMarginRowNormalizedInnerProduct": _RowNormalizedInnerProduct,
+    "KerasMarginClampedScale": _ClampedScale,
+}
+_registered = False
+
+
+def _cv2():
+    try:
+        import cv2
+    except ImportError:
+        raise ConversionError("the OpenCV reference needs opencv-python-headless (>= 4.8, < 5): "
+                              "pip install 'opencv-python-headless<5'") from None
+    if not hasattr(cv2, "dnn") or not hasattr(cv2.dnn, "readNetFromCaffe"):
+        raise ConversionError(f"OpenCV {cv2.__version__} has no cv2.dnn.readNetFromCaffe; use opencv-python-headless < 5")
+    global _registered
+    if not _registered:
+        for name, cls in _PY_LAYERS.items():
+            cv2.dnn_registerLayer(name, cls)
+        _registered = True
+    return cv2
+
+
+def _python_layer(copy, type_name: str, config: dict, keep_bottoms: int | None = None) -> None:
+    for field_name in ("flip_param", "normalize_param", "inner_product_param", "margin_inner_product_param",
+                       "scale_param", "label_specific_add_param"):
+        copy.ClearField(field_name)
+    copy.type = type_name
+    copy.python_param.param_str = json.dumps(config)
+    if keep_bottoms is not None:
+        del copy.bottom[keep_bottoms:]
+
+
+def opencv_prototxt(plan: Plan, batch_size: int) -> str:
+    """The plan's (phase-filtered, upgraded) net as a prototxt OpenCV's importer runs with our Python layers.
+
+    Data layers become Input layers fed with the transformed data; training-only layers are left out; the
+    fork layers become ``KerasMargin*`` Python layers; LabelSpecificAdd (identity at inference) becomes a
+    Split; second tops get ``Split`` probes (``__probe__<blob>``) so OpenCV exposes them.
+    """
+    net = schema.NetParameter(name=plan.name or "reference")
+    input_tops = {top for layer in plan.layers if registry.lookup(layer.type).is_input
+                  for top in layer.top_names}
+    shapes_by_name = {}
+    for layer in plan.layers:
+        for blob_id, name in zip(layer.tops, layer.top_names):
+            shapes_by_name.setdefault(name, plan.blob_shapes[blob_id])
+    for layer in plan.caffe_layers:
+        kind = layer.type
+        if kind.endswith("Loss") or kind in TRAINING_ONLY_TYPES:
+            continue
+        copy = net.layer.add()
+        copy.CopyFrom(layer)
+        for field_name in ("include", "exclude", "phase", "blobs", "param", "loss_weight", "propagate_down"):
+            copy.ClearField(field_name)
+        if kind in DATA_LAYER_TYPES or kind == "Input":
+            tops = [top for top in layer.top if top in input_tops and top in shapes_by_name][:1 if kind != "Input" else None]
+            copy.Clear()
+            copy.name, copy.type = layer.name, "Input"
+            for top in tops:
+                copy.top.append(top)
+                copy.input_param.shape.add().dim.extend([batch_size, *shapes_by_name[top][1:]])
+            continue
+        if kind == "Flip":
+            p = layer.flip_param
+            _python_layer(copy, "KerasMarginFlip", {"width": p.flip_width, "height": p.flip_height})
+        elif kind == "Normalize":
+            _python_layer(copy, "KerasMarginNormalize", {"type": layer.normalize_param.normalize_type})
+        elif kind == "InnerProduct" and layer.inner_product_param.normalize:
+            p = layer.inner_product_param
+            _python_layer(copy, "KerasMarginRowNormalizedInnerProduct",
+                          {"num_output": p.num_output, "axis": p.axis, "transpose": p.transpose,
+                           "bias_term": p.bias_term, "eps": 1e-6})
+        elif kind == "MarginInnerProduct":
+            p = layer.margin_inner_product_param
+            _python_layer(copy, "KerasMarginRowNormalizedInnerProduct",
+                          {"num_output": p.num_output, "axis": p.axis, "eps": 0.0}, keep_bottoms=1)
+            del copy.top[1:]
+        elif kind == "LabelSpecificAdd":
+            copy.ClearField("label_specific_add_param")
+            copy.type = "Split"
+            del copy.bottom[1:]
+        elif kind == "Scale" and (layer.scale_param.HasField("min_value") or layer.scale_param.HasField("max_value")):
+            p = layer.scale_param
+            _python_layer(copy, "KerasMarginClampedScale",
+                          {"axis": p.axis, "num_axes": p.num_axes, "bias_term": p.bias_term,
+                           "min": p.min_value if p.HasField("min_value") else None,
+                           "max": p.max_value if p.HasField("max_value") else None})
+        elif kind == "Pooling":
+            p = copy.pooling_param
+            if p.round_mode == 1:
+                p.ceil_mode = False
+            p.ClearField("round_mode")
+        elif kind == "Dropout":
+            copy.dropout_param.ClearField("sqrt_scale")
+        for extra in copy.top[1:]:
+            probe = net.layer.add(name=f"__probe__{extra}", type="Split")
+            probe.bottom.append(extra)
+            probe.top.append(f"__probe__{extra}")
+    return text_format.MessageToString(net)
+
+
+def opencv_reference(plan: Plan, caffemodel: str, feeds: Mapping[str, np.ndarray],
+                     layer_names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Run OpenCV's Caffe importer on the plan's net; return {layer or probe name: first output (NCHW)}."""
+    cv2 = _cv2()
+    batch = next(iter(feeds.values())).shape[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        prototxt = os.path.join(tmp, "reference.prototxt")
+        with open(prototxt, "w") as handle:
+            handle.write(opencv_prototxt(plan, batch))
+        try:
+            net = cv2.dnn.readNetFromCaffe(prototxt, caffemodel)
+        except cv2.error as error:
+            raise ConversionError(f"OpenCV could not import the net: {str(error).strip().splitlines()[-1]}") from None
+    net.enableFusion(False)
+    net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
+    for name, value in feeds.items():
+        net.setInput(np.ascontiguousarray(value, np.float32), name)
+    available = set(net.getLayerNames())
+    wanted = [name for name in layer_names if name in available]
+    outputs = net.forward(wanted) if wanted else []
+    return dict(zip(wanted, (np.asarray(value) for value in outputs)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The report
+# ----------------------------------------------------------------------------------------------------
+
+
+def _to_caffe(value: np.ndarray) -> np.ndarray:
+    value = np.asarray(value)
+    return value.transpose(0, 3, 1, 2) if value.ndim == 4 else value
+
+
+def _to_keras(value: np.ndarray) -> np.ndarray:
+    value = np.asarray(value, np.float32)
+    return value.transpose(0, 2, 3, 1) if value.ndim == 4 else value
+
+
+def _data_transform(layer) -> tuple[np.ndarray, float] | None:
+    transform = layer.param.transform_param
+    means, scale = list(transform.mean_value), float(transform.scale)
+    if not means and scale == 1.0:
+        return None
+    return np.asarray(means or [0.0], np.float64), scale
+
+
+def parity_report(prototxt=None, caffemodel=None, reference: str = "opencv", *, phase: str = "TEST",
+                  input_shape=None, conversion: Conversion | None = None,
+                  inputs: Mapping[str, np.ndarray] | None = None, batch_size: int = 2, seed: int = 0,
+                  atol: float = 1e-4, rtol: float = 1e-4) -> ParityReport:
+    """Compare the converted model with a reference, blob by blob, and name the first blob that diverges.
+
+    Args:
+        prototxt, caffemodel, phase, input_shape: as ``load_caffe_model`` (or pass ``conversion``, the
+            result of ``convert``, and the caffemodel path).
+        reference: "opencv" (OpenCV's Caffe importer on the same files; fork layers run as registered Python
+            layers) or the path of an ``.npz`` of blobs dumped from Caffe (keys: blob names; it must hold
+            the net's input blobs, as Caffe's net received them).
+        inputs: {input blob name: NCHW array} to feed; default seeded random data (raw pixels 0..255 for
+            data layers with a transform, else uniform in [-1, 1]) with ``batch_size`` samples.
+        atol, rtol: a blob diverges when ``max_abs > atol + rtol * max|reference|``.
+
+    Example:
+    >>> import tempfile, os, numpy as np
+    >>> from converters.caffe.writer import write_caffemodel
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     proto, weights = os.path.join(tmp, "net.prototxt"), os.path.join(tmp, "net.caffemodel")
+    ...     _ = open(proto, "w").write('input: "data" input_dim: 1 input_dim: 3 input_dim: 8 input_dim: 8 '
+    ...         'layer { name: "conv" type: "Convolution" bottom: "data" top: "conv" '
+    ...         '        convolution_param { num_output: 4 kernel_size: 3 stride: 2 pad: 1 } } '
+    ...         'layer { name: "pool" type: "Pooling" bottom: "conv" top: "pool" '
+    ...         '        pooling_param { pool: AVE kernel_size: 3 stride: 2 } }')
+    ...     _ = write_caffemodel(weights, [("conv", "Convolution", [np.ones((4, 3, 3, 3)), np.zeros(4)])])
+    ...     report = parity_report(proto, weights, "opencv")
+    >>> [(row.blob, row.ok) for row in report.rows], report.first_divergence is None
+    ([('conv', True), ('pool', True)], True)
+    """
+    if conversion is None:
+        if prototxt is None:
+            raise ConversionError("parity_report needs a prototxt or a conversion")
+        conversion = convert(prototxt, caffemodel, phase, input_shape=input_shape)
+    plan, model = conversion.plan, conversion.model
+    caffemodel_path = os.fspath(caffemodel) if caffemodel is not None else plan.caffemodel
+
+    input_layers = [layer for layer in plan.layers if registry.lookup(layer.type).is_input]
+    input_blobs = [(layer, index, blob_id, name) for layer in input_layers
+                   for index, (blob_id, name) in enumerate(zip(layer.tops, layer.top_names))
+                   if blob_id in conversion.tensors and blob_id in plan.needed]
+
+    npz = None
+    if reference == "opencv":
+        if caffemodel_path is None:
+            raise ConversionError("the OpenCV reference needs the caffemodel (OpenCV cannot run a net without weights)")
+        reference_name = f"OpenCV {_cv2().__version__}"
+    else:
+        npz = load_reference_npz(reference)
+        reference_name = os.path.basename(os.fspath(reference))
+
+    rng = np.random.default_rng(seed)
+    caffe_inputs, keras_feeds = {}, []
+    for layer, index, blob_id, name in input_blobs:
+        shape = plan.blob_shapes[blob_id]
+        transform = _data_transform(layer) if (layer.type in DATA_LAYER_TYPES and index == 0) else None
+        if inputs is not None and name in inputs:
+            caffe_value = np.asarray(inputs[name], np.float32)
+            raw = caffe_value if transform is None else caffe_value / transform[1] + _broadcast_mean(transform[0], caffe_value)
+        elif npz is not None:
+            if name not in npz:
+                raise ConversionError(f"{reference}: the reference has no input blob '{name}'; dump net.blobs['{name}'] too")
+            caffe_value = np.asarray(npz[name], np.float32)
+            raw = caffe_value if transform is None else caffe_value / transform[1] + _broadcast_mean(transform[0], caffe_value)
+        else:
+            sample_shape = (batch_size, *shape[1:])
+            if transform is not None:
+                raw = rng.uniform(0.0, 255.0, sample_shape).astype(np.float32)
+                caffe_value = ((raw - _broadcast_mean(transform[0], raw)) * transform[1]).astype(np.float32)
+            else:
+                raw = rng.uniform(-1.0, 1.0, sample_shape).astype(np.float32)
+                caffe_value = raw
+        caffe_inputs[name] = caffe_value.astype(np.float32)
+        keras_feeds.append(_to_keras(raw))
+
+    compare = []  # (planned layer, top index, blob id, caffe blob name)
+    for layer in plan.layers:
+        for index, (blob_id, name) in enumerate(zip(layer.tops, layer.top_names)):
+            if blob_id in conversion.tensors:
+                compare.append((layer, index, blob_id, name))
+    import keras
+
+    probe = keras.Model(model.inputs, [conversion.tensors[blob_id] for _, _, blob_id, _ in compare])
+    values = probe(keras_feeds, training=False)
+    values = values if isinstance(values, (list, tuple)) else [values]
+    keras_values = {blob_id: _to_caffe(np.asarray(value)) for (_, _, blob_id, _), value in zip(compare, values)}
+
+    if npz is None:
+        wanted = []
+        for layer, index, _, name in compare:
+            ref_layer = layer.attrs.get("reference", {}).get("layer", layer.name)
+            wanted.append(ref_layer if index == 0 else f"__probe__{name}")
+        ref_by_layer = opencv_reference(plan, caffemodel_path, caffe_inputs, wanted)
+    final_ids = plan.final_blob_ids()
+
+    rows, skipped, ref_values = [], [], {}
+    for layer, index, blob_id, name in compare:
+        is_input = registry.lookup(layer.type).is_input
+        spec = layer.attrs.get("reference", {})
+        kind = spec.get("kind", "same")
+        ref = None
+        if is_input:
+            ref = caffe_inputs.get(name)
+        elif npz is not None:
+            ref_name = spec.get("top", name)
+            if ref_name in npz and (final_ids.get(name) == blob_id or spec):
+                ref = npz[ref_name]
+        else:
+            key = spec.get("layer", layer.name) if index == 0 else f"__probe__{name}"
+            ref = ref_by_layer.get(key)
+        if ref is None:
+            skipped.append(f"{name} ({layer.name})")
+            continue
+        note = ""
+        if kind == "cos_from_logits":  # SphereFace's layer outputs |x| cos; the head outputs cos
+            bottom = ref_values.get(layer.bottoms[0])
+            if bottom is None:
+                skipped.append(f"{name} ({layer.name})")
+                continue
+            norms = np.linalg.norm(bottom.reshape(bottom.shape[0], -1).astype(np.float64), axis=1, keepdims=True)
+            ref = np.asarray(ref, np.float64) / norms
+            note = "head cos vs reference logits / |x|"
+        elif kind == "cosine":
+            note = f"head vs reference '{spec.get('layer')}'"
+        ref_values[blob_id] = np.asarray(ref)
+        if is_input and layer.type in DATA_LAYER_TYPES and index == 0 and _data_transform(layer) is not None:
+            note = "preprocessing"
+        elif is_input:
+            continue
+        rows.append(_compare(layer.name, name, keras_values[blob_id], ref, atol, rtol, note))
+    return ParityReport(reference_name, rows, atol, rtol, skipped, batch_size=next(iter(caffe_inputs.values())).shape[0])
+
+
+def _broadcast_mean(means: np.ndarray, like: np.ndarray) -> np.ndarray:
+    if like.ndim == 4 and means.size > 1:
+        return means.reshape(1, -1, 1, 1)
+    return means.reshape(()) if means.size == 1 else means

@@ -1,0 +1,489 @@
+"""Plan stage: from a parsed net (and caffemodel index) to the list of layers to build, with every shape known.
+
+It owns phase filtering (include/exclude rules), dropping training-only layers, in-place blob versions,
+Caffe-rule shape inference through each handler, the check of every caffemodel blob against its layer's
+expected shape, fusion of the margin-softmax layer chains into keras_margin heads, and the net outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from converters.caffe import registry, schema
+from converters.caffe.errors import ConversionError
+from converters.caffe.reader import Caffemodel, CaffeNet, UnknownField
+from converters.caffe.registry import PlannedLayer
+from converters.caffe.shapes import canonical_axis, count
+
+__all__ = ["Plan", "DroppedLayer", "plan_net", "MAX_PARAMETERS", "TRAINING_ONLY_TYPES"]
+
+#: A caffemodel is at most 2 GiB (Caffe's read limit), i.e. at most 2**29 float32 values; a prototxt that
+#: implies more parameters than that is refused before anything is allocated.
+MAX_PARAMETERS = 2**29
+
+#: Layer types that only matter for training (besides every type ending in "Loss"); they are dropped.
+TRAINING_ONLY_TYPES = frozenset({"Accuracy", "Silence", "HDF5Output"})
+
+#: Eps used by the happynear fork when it normalises InnerProduct weight rows (CPU code).
+_IP_ROW_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class DroppedLayer:
+    name: str
+    type: str
+    reason: str
+
+
+@dataclass
+class Plan:
+    """The layers to build, in order, with Caffe-ordered shapes (batch ``None``) for every blob."""
+
+    name: str
+    phase: str
+    layers: list[PlannedLayer]
+    caffe_layers: list  # the phase-filtered, upgraded LayerParameters (before dropping and fusion)
+    blob_shapes: dict[str, tuple]
+    outputs: list[str]
+    needed: set[str]
+    dropped: list[DroppedLayer] = field(default_factory=list)
+    missing_weights: list[str] = field(default_factory=list)
+    unused_weights: list[str] = field(default_factory=list)
+    unknown_fields: list[UnknownField] = field(default_factory=list)
+    fusions: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    parameter_count: int = 0
+    source: str = ""
+    source_format: str = "V2"
+    caffemodel: str | None = None
+
+    def producer(self, blob_id: str) -> PlannedLayer | None:
+        for layer in self.layers:
+            if blob_id in layer.tops:
+                return layer
+        return None
+
+    def final_blob_ids(self) -> dict[str, str]:
+        """Caffe blob name -> id of its last version (what Caffe's ``net.blobs[name]`` holds after forward)."""
+        final = {}
+        for layer in self.layers:
+            for blob_id, name in zip(layer.tops, layer.top_names):
+                final[name] = blob_id
+        return final
+
+
+def _phase_number(phase: str) -> int:
+    value = str(phase).upper()
+    if value not in ("TRAIN", "TEST"):
+        raise ConversionError(f"phase must be 'TEST' (deploy) or 'TRAIN'; got {phase!r}")
+    return 0 if value == "TRAIN" else 1
+
+
+def _rule_matches(state, rule) -> bool:
+    """Caffe ``Net::StateMeetsRule``: every field the rule sets must agree with the state."""
+    if rule.HasField("phase") and rule.phase != state.phase:
+        return False
+    if rule.HasField("min_level") and state.level < rule.min_level:
+        return False
+    if rule.HasField("max_level") and state.level > rule.max_level:
+        return False
+    if any(stage not in state.stage for stage in rule.stage):
+        return False
+    if any(stage in state.stage for stage in rule.not_stage):
+        return False
+    return True
+
+
+def _included(state, layer) -> bool:
+    """Caffe ``Net::FilterNet`` for one layer."""
+    if len(layer.include) and len(layer.exclude):
+        raise ConversionError("has both include and exclude rules, which Caffe refuses", layer=layer.name,
+                              layer_type=layer.type)
+    if len(layer.include):
+        return any(_rule_matches(state, rule) for rule in layer.include)
+    return not any(_rule_matches(state, rule) for rule in layer.exclude)
+
+
+def _training_only(layer_type: str) -> bool:
+    return layer_type.endswith("Loss") or layer_type in TRAINING_ONLY_TYPES
+
+
+def _shapes_compatible(stored: tuple, expected: tuple) -> bool:
+    """Caffe's ``ShapeEquals`` in spirit: equal, or equal once size-1 axes are dropped (legacy 4-D dims,
+    NVIDIA's 1 x C x 1 x 1 BatchNorm blobs)."""
+    if tuple(stored) == tuple(expected):
+        return True
+    if count(stored) != count(expected):
+        return False
+    return [d for d in stored if d != 1] == [d for d in expected if d != 1]
+
+
+def _normalize_input_shapes(input_shape, input_layers: list[PlannedLayer]) -> dict[str, tuple]:
+    if input_shape is None:
+        return {}
+    if isinstance(input_shape, Mapping):
+        result = {}
+        for name, shape in input_shape.items():
+            result[str(name)] = tuple(int(v) for v in shape)
+        known = {top for layer in input_layers for top in layer.top_names}
+        unknown = sorted(set(result) - known)
+        if unknown:
+            raise ConversionError(f"input_shape names {unknown} are not net inputs; inputs are {sorted(known)}")
+        return result
+    shape = tuple(int(v) for v in input_shape)
+    if not input_layers:
+        raise ConversionError("input_shape was given but the net has no input or data layer")
+    return {input_layers[0].top_names[0]: shape}
+
+
+def plan_net(net: CaffeNet, caffemodel: Caffemodel | None = None, phase: str = "TEST",
+             input_shape: Sequence[int] | Mapping[str, Sequence[int]] | None = None) -> Plan:
+    """Plan the conversion of ``net`` (see the module docstring for what is checked).
+
+    Args:
+        net: the parsed prototxt (``reader.read_prototxt``).
+        caffemodel: the opened weights (``reader.read_caffemodel``), or None for initialised weights.
+        phase: "TEST" (deploy, default) or "TRAIN" (rebuilds a training head), as Caffe's include/exclude
+            rules select layers.
+        input_shape: (C, H, W) of the first input, or {blob name: (C, H, W)}, for nets whose data layer does
+            not state its image size; overrides the prototxt.
+
+    Example:
+    >>> from converters.caffe.reader import parse_prototxt
+    >>> plan = plan_net(parse_prototxt(
+    ...     'input: "data" input_dim: 1 input_dim: 3 input_dim: 9 input_dim: 9 '
+    ...     'layer { name: "pool" type: "Pooling" bottom: "data" top: "pool" '
+    ...     '        pooling_param { pool: MAX kernel_size: 2 stride: 2 } }'))
+    >>> plan.blob_shapes["pool"]   # ceil((9 - 2) / 2) + 1 = 5
+    (None, 3, 5, 5)
+    """
+    phase_number = _phase_number(phase)
+    message = net.net
+    state = schema.NetState(phase=phase_number, level=message.state.level)
+    state.stage.extend(message.state.stage)
+
+    filtered = [layer for layer in message.layer if _included(state, layer)]
+    excluded_tops = {top: layer for layer in message.layer if layer not in filtered for top in layer.top}
+    plan = Plan(name=message.name, phase="TRAIN" if phase_number == 0 else "TEST", layers=[], caffe_layers=filtered,
+                blob_shapes={}, outputs=[], needed=set(), unknown_fields=list(net.unknown_fields),
+                source=net.path, source_format=net.source_format,
+                caffemodel=caffemodel.path if caffemodel is not None else None)
+
+    kept = []
+    dropped_tops: dict[str, DroppedLayer] = {}
+    for layer in filtered:
+        if _training_only(layer.type):
+            dropped = DroppedLayer(layer.name, layer.type, "training only")
+            plan.dropped.append(dropped)
+            for top in layer.top:
+                dropped_tops[top] = dropped
+        else:
+            kept.append(layer)
+
+    unknown = [layer for layer in kept if registry.lookup(layer.type) is None]
+    if unknown:
+        listed = ", ".join(f"'{layer.name}' (type '{layer.type}')" for layer in unknown)
+        first = unknown[0]
+        raise ConversionError(
+            f"no handler for {len(unknown)} layer(s): {listed}. Register one before converting: "
+            "from converters.caffe import Handler, Built, register; "
+            f"@register(\"{first.type}\") class MyHandler(Handler): def build(self, ctx, layer, inputs, weights): ...",
+            layer=first.name, layer_type=first.type,
+        )
+
+    _check_ssd_normalize(kept, net.unknown_fields)
+    planned = _resolve_blobs(kept, excluded_tops, dropped_tops, phase)
+    input_layers = [layer for layer in planned if registry.lookup(layer.type).is_input]
+    overrides = _normalize_input_shapes(input_shape, input_layers)
+    for layer in input_layers:
+        layer.attrs["input_shapes"] = overrides
+
+    _infer_shapes(planned, plan)
+    _check_weights(planned, caffemodel, plan)
+    planned = _fuse_heads(planned, caffemodel, plan)
+    plan.layers = planned
+
+    total = 0
+    for layer in planned:
+        total += sum(count(shape) for shape in layer.weight_shapes)
+    if total > MAX_PARAMETERS:
+        raise ConversionError(
+            f"the prototxt implies {total:,} parameters ({4 * total / 2**30:.1f} GiB), more than any caffemodel "
+            f"Caffe can read holds ({MAX_PARAMETERS:,}); refusing to allocate them"
+        )
+    plan.parameter_count = total
+
+    consumed = {bottom for layer in planned for bottom in layer.bottoms}
+    outputs = [top for layer in planned if not registry.lookup(layer.type).is_input
+               for top in layer.tops if top not in consumed]
+    if not outputs:
+        raise ConversionError(f"{net.path}: the {plan.phase} net computes nothing (no layer output is left)")
+    plan.outputs = outputs
+    plan.needed = consumed | set(outputs)
+    return plan
+
+
+def _check_ssd_normalize(layers, unknown_fields: list[UnknownField]) -> None:
+    for layer in layers:
+        if layer.type == "Normalize" and any(
+            field.layer == layer.name and ".norm_param" in field.path for field in unknown_fields
+        ):
+            raise ConversionError(
+                "has norm_param: this is SSD's NormalizeBBox, not happynear's L2 Normalize; register a handler "
+                "for it with @register('Normalize', replace=True)", layer=layer.name, layer_type=layer.type,
+            )
+
+
+def _resolve_blobs(kept, excluded_tops, dropped_tops, phase) -> list[PlannedLayer]:
+    current: dict[str, str] = {}
+    versions: dict[str, int] = {}
+    planned: list[PlannedLayer] = []
+    for index, layer in enumerate(kept):
+        handler = registry.lookup(layer.type)
+        item = PlannedLayer(name=layer.name, type=layer.type, param=layer, bottoms=[], tops=[],
+                            top_names=list(layer.top), members=[layer.name], weight_layers=[layer.name], index=index)
+        used = handler.used_bottoms(item)
+        bottoms = list(layer.bottom) if used is None else list(layer.bottom)[:used]
+        for bottom in bottoms:
+            if bottom in current:
+                item.bottoms.append(current[bottom])
+                continue
+            if bottom in dropped_tops:
+                source = dropped_tops[bottom]
+                reason = f"it comes from layer '{source.name}' ({source.type}), which is training-only and dropped"
+            elif bottom in excluded_tops:
+                source = excluded_tops[bottom]
+                reason = (f"it comes from layer '{source.name}' ({source.type}), which phase {phase.upper()} "
+                          "excludes; try the other --phase")
+            else:
+                reason = "no layer before it produces it; check the spelling or the layer order"
+            raise ConversionError(f"bottom '{bottom}' is not available: {reason}", layer=layer.name,
+                                  layer_type=layer.type)
+        if not layer.top and not handler.is_input:
+            raise ConversionError("has no top", layer=layer.name, layer_type=layer.type)
+        for top in layer.top:
+            if top in versions:
+                versions[top] += 1
+                item.tops.append(f"{top}#{versions[top]}")
+            else:
+                versions[top] = 0
+                item.tops.append(top)
+        for top, blob_id in zip(layer.top, item.tops):
+            current[top] = blob_id
+        planned.append(item)
+    return planned
+
+
+def _infer_shapes(planned: list[PlannedLayer], plan: Plan) -> None:
+    for layer in planned:
+        handler = registry.lookup(layer.type)
+        layer.input_shapes = [plan.blob_shapes[bottom] for bottom in layer.bottoms]
+        try:
+            outputs = [tuple(shape) for shape in handler.output_shapes(layer)]
+            layer.weight_shapes = [tuple(int(d) for d in shape) for shape in handler.weight_shapes(layer)]
+        except ConversionError:
+            raise
+        except (ValueError, IndexError, TypeError) as error:
+            raise layer.error(f"{error} (bottom shapes {[tuple(s) for s in layer.input_shapes]})") from None
+        if len(outputs) != len(layer.tops):
+            raise layer.error(f"its handler gave {len(outputs)} output shapes for {len(layer.tops)} tops")
+        layer.output_shapes = outputs
+        for top, shape in zip(layer.tops, outputs):
+            plan.blob_shapes[top] = shape
+
+
+def _check_weights(planned: list[PlannedLayer], caffemodel: Caffemodel | None, plan: Plan) -> None:
+    used_names = set()
+    for layer in planned:
+        handler = registry.lookup(layer.type)
+        if caffemodel is None or layer.name not in caffemodel:
+            if layer.weight_shapes and caffemodel is not None:
+                plan.missing_weights.append(layer.name)
+            continue
+        used_names.add(layer.name)
+        stored = caffemodel.blob_shapes(layer.name)
+        expected = layer.weight_shapes
+        note = f" {handler.blob_note}" if handler.blob_note else ""
+        if len(stored) != len(expected):
+            if not stored and not expected:
+                continue
+            if not stored:  # Caffe keeps the prototxt's fillers for a layer saved without blobs
+                plan.missing_weights.append(layer.name)
+                continue
+            raise layer.error(
+                f"the caffemodel has {len(stored)} blobs for it, the prototxt implies {len(expected)} "
+                f"(shapes {[tuple(s) for s in expected]}).{note}"
+            )
+        for index, (have, want) in enumerate(zip(stored, expected)):
+            if not _shapes_compatible(have, want):
+                raise layer.error(
+                    f"blob {index} in the caffemodel has shape {tuple(have)}, but the prototxt implies {tuple(want)} "
+                    f"(from the bottom shape {tuple(layer.input_shapes[0][1:]) if layer.input_shapes else ()} "
+                    f"and the layer's parameters); the prototxt does not describe this caffemodel.{note}"
+                )
+        layer.weights_found = bool(expected)
+    if caffemodel is not None:
+        if caffemodel.duplicate_names:
+            plan.warnings.append(f"the caffemodel has several layers named {caffemodel.duplicate_names}; the last "
+                                 "of each supplies the weights, as in Caffe's CopyTrainedLayersFrom")
+        members = {layer.name for layer in planned}
+        for name in caffemodel.names():
+            if name not in members and name not in used_names and caffemodel.blob_shapes(name):
+                if name not in plan.unused_weights:
+                    plan.unused_weights.append(name)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Head fusion
+# ----------------------------------------------------------------------------------------------------
+
+
+def _f32(value: float) -> float:
+    """A float32 proto value as the decimal it was written as (0.35, not 0.3499999940395355)."""
+    return float(str(np.float32(value)))
+
+
+def _constant_scale(layer: PlannedLayer, caffemodel: Caffemodel | None) -> float | None:
+    """The single value of a Scale layer's parameter (after the fork's clamp), or None if not constant."""
+    p = layer.param.scale_param
+    if p.bias_term or len(layer.bottoms) != 1:
+        return None
+    if layer.weights_found and caffemodel is not None:
+        values = caffemodel.blobs(layer.name)[0].astype(np.float64)
+        if p.HasField("min_value") or p.HasField("max_value"):
+            values = np.clip(values, p.min_value if p.HasField("min_value") else None,
+                             p.max_value if p.HasField("max_value") else None)
+        if values.size == 0 or not np.all(values == values.flat[0]):
+            return None
+        return _f32(values.flat[0])
+    if not p.HasField("filler"):
+        return 1.0
+    if p.filler.type != "constant":
+        return None
+    value = p.filler.value
+    if p.HasField("min_value"):
+        value = max(value, p.min_value)
+    if p.HasField("max_value"):
+        value = min(value, p.max_value)
+    return _f32(value)
+
+
+def _fuse_heads(planned: list[PlannedLayer], caffemodel: Caffemodel | None, plan: Plan) -> list[PlannedLayer]:
+    consumers: dict[str, list[PlannedLayer]] = {}
+    producers: dict[str, PlannedLayer] = {}
+    for layer in planned:
+        for bottom in layer.bottoms:
+            consumers.setdefault(bottom, []).append(layer)
+        for top in layer.tops:
+            producers[top] = layer
+
+    replaced: dict[str, PlannedLayer] = {}  # first member name -> fused layer
+    removed: set[str] = set()
+
+    def users_of(layer: PlannedLayer) -> list[PlannedLayer] | None:
+        """The layers reading ``layer``'s single top ([] when none), or None for a multi-top layer."""
+        return consumers.get(layer.tops[0], []) if len(layer.tops) == 1 else None
+
+    for layer in planned:
+        if layer.type == "InnerProduct" and layer.param.inner_product_param.normalize:
+            fused = _fuse_normalized_ip(layer, users_of, producers, caffemodel, plan)
+        elif layer.type == "MarginInnerProduct":
+            fused = _fuse_margin_ip(layer, users_of, plan)
+        else:
+            continue
+        if fused is not None:
+            replaced[layer.name] = fused
+            removed.update(fused.members[1:])
+    result = []
+    for layer in planned:
+        if layer.name in replaced:
+            result.append(replaced[layer.name])
+        elif layer.name not in removed:
+            result.append(layer)
+    return result
+
+
+def _head_layer(base: PlannedLayer, head_type: str, members: list[PlannedLayer], attrs: dict) -> PlannedLayer:
+    # The head outputs cos(theta), which is the first member's top (e.g. "fc6"); the later members' tops
+    # (the margin and the scale) feed nothing but losses, so no layer misses them.
+    return PlannedLayer(
+        name=base.name, type=head_type, param=base.param, bottoms=list(base.bottoms), tops=[base.tops[0]],
+        top_names=[base.top_names[0]], input_shapes=list(base.input_shapes),
+        output_shapes=[(None, attrs["num_classes"])], weight_shapes=list(base.weight_shapes),
+        weight_layers=[base.name], weights_found=base.weights_found, members=[m.name for m in members],
+        attrs={**attrs, "weight_shape": base.weight_shapes[0]}, index=base.index,
+    )
+
+
+def _fuse_normalized_ip(ip: PlannedLayer, users_of, producers, caffemodel, plan: Plan) -> PlannedLayer | None:
+    p = ip.param.inner_product_param
+    shape = ip.input_shapes[0]
+    if p.bias_term or len(ip.bottoms) != 1 or len(ip.tops) != 1 or len(shape) != 2 or canonical_axis(p.axis, 2) != 1:
+        plan.warnings.append(f"layer '{ip.name}': InnerProduct normalize with a bias, several tops or a "
+                             "non-2-D bottom stays a Dense layer (no margin head)")
+        return None
+    source = producers.get(ip.bottoms[0])
+    if source is None or source.type != "Normalize" or source.param.normalize_param.normalize_type != "L2":
+        plan.warnings.append(f"layer '{ip.name}': its bottom is not L2-normalised, so its output is not a cosine; "
+                             "it stays a Dense layer with row-normalised weights (no margin head)")
+        return None
+    attrs = {"num_classes": p.num_output, "row_eps": _IP_ROW_EPS, "transpose": p.transpose,
+             "reference": {"layer": ip.name, "top": ip.top_names[0], "kind": "cosine"}}
+    users = users_of(ip)
+    if users == []:
+        plan.fusions.append(f"{ip.name} (InnerProduct normalize) -> CosineDense({p.num_output})")
+        return _head_layer(ip, "keras_margin.CosineDense", [ip], attrs)
+    if users is None or len(users) != 1:
+        return None
+    nxt = users[0]
+    if nxt.type == "LabelSpecificAdd":
+        scale_users = users_of(nxt)
+        if not scale_users or len(scale_users) != 1 or scale_users[0].type != "Scale":
+            plan.warnings.append(f"layer '{nxt.name}': LabelSpecificAdd not followed by a Scale; no AMSoftmaxHead")
+            return None
+        scale = scale_users[0]
+        if users_of(scale) != []:
+            plan.warnings.append(f"layer '{scale.name}': its output feeds other layers; no AMSoftmaxHead")
+            return None
+        s = _constant_scale(scale, caffemodel)
+        lsa = nxt.param.label_specific_add_param
+        m = -_f32(lsa.bias)
+        if s is None or s <= 0 or not 0.0 <= m <= 1.0:
+            plan.warnings.append(f"layers '{ip.name}' -> '{nxt.name}' -> '{scale.name}': scale {s} / margin {m} "
+                                 "is not a constant s > 0 and m in [0, 1]; no AMSoftmaxHead")
+            return None
+        if lsa.bias_base or lsa.bias_gamma:
+            plan.warnings.append(f"layer '{nxt.name}': annealed margin (bias_base/bias_gamma); "
+                                 f"the head uses the final bias m={m:g}")
+        attrs.update(s=s, m=m)
+        plan.fusions.append(f"{ip.name} + {nxt.name} + {scale.name} -> AMSoftmaxHead({p.num_output}, s={s:g}, m={m:g})")
+        return _head_layer(ip, "keras_margin.AMSoftmaxHead", [ip, nxt, scale], attrs)
+    if nxt.type == "Scale":
+        if users_of(nxt) != []:
+            return None
+        s = _constant_scale(nxt, caffemodel)
+        if s is None or s <= 0:
+            return None
+        attrs.update(s=s)
+        plan.fusions.append(f"{ip.name} + {nxt.name} -> NormFaceHead({p.num_output}, s={s:g})")
+        return _head_layer(ip, "keras_margin.NormFaceHead", [ip, nxt], attrs)
+    return None
+
+
+def _fuse_margin_ip(mip: PlannedLayer, users_of, plan: Plan) -> PlannedLayer | None:
+    p = mip.param.margin_inner_product_param
+    shape = mip.input_shapes[0]
+    if len(mip.tops) != 1 or users_of(mip) != [] or len(shape) != 2:
+        return None
+    m = int(p.type) + 1
+    attrs = {"num_classes": p.num_output, "m": m, "base": _f32(p.base), "gamma": _f32(p.gamma),
+             "power": _f32(p.power), "lambda_min": _f32(p.lambda_min), "iteration": int(p.iteration),
+             "row_eps": 0.0, "transpose": False,
+             "reference": {"layer": mip.name, "top": mip.top_names[0], "kind": "cos_from_logits"}}
+    plan.fusions.append(f"{mip.name} (MarginInnerProduct) -> SphereFaceHead({p.num_output}, m={m}, "
+                        f"base={p.base:g}, gamma={p.gamma:g}, power={p.power:g}, lambda_min={p.lambda_min:g}, "
+                        f"iteration={p.iteration})")
+    return _head_layer(mip, "keras_margin.SphereFaceHead", [mip], attrs)

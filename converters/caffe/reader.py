@@ -1,0 +1,479 @@
+"""Read stage, part 2: text .prototxt and binary .caffemodel files into schema messages and NumPy blobs.
+
+``read_prototxt`` parses with protobuf's text format, lists unknown (fork-specific) fields instead of failing,
+and upgrades V1 / legacy-input nets to the current format; ``read_caffemodel`` indexes a caffemodel lazily.
+
+Model files are data: nothing in them is executed, imported or unpickled. A caffemodel is never held in
+memory whole: the top level of the NetParameter (one length-delimited entry per layer) is split by a small
+tag reader, and each layer is parsed with protobuf (``LayerBlobs`` / ``V1LayerBlobs`` views) only when its
+weights are asked for. Sizes a file claims (blob shapes, lengths) are checked against what it holds before
+anything is allocated for them.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from google.protobuf import message as protobuf_message
+from google.protobuf import text_format
+
+from converters.caffe import schema, upgrade
+from converters.caffe.errors import ConversionError
+
+__all__ = [
+    "MAX_CAFFEMODEL_BYTES",
+    "MAX_PROTOTXT_BYTES",
+    "UnknownField",
+    "CaffeNet",
+    "CaffemodelLayer",
+    "Caffemodel",
+    "read_prototxt",
+    "parse_prototxt",
+    "read_caffemodel",
+    "blob_shape",
+]
+
+#: Caffe itself refuses binary protos above INT_MAX bytes (``io.cpp`` kProtoReadBytesLimit).
+MAX_CAFFEMODEL_BYTES = 2**31 - 1
+#: Text prototxts are network descriptions, a few hundred kB at most; anything this large is not one.
+MAX_PROTOTXT_BYTES = 64 * 2**20
+
+_WIRE_VARINT, _WIRE_FIXED64, _WIRE_LEN, _WIRE_FIXED32 = 0, 1, 2, 5
+
+
+@dataclass(frozen=True)
+class UnknownField:
+    """A prototxt field our schema does not know (another fork's field); it was skipped."""
+
+    line: int
+    path: str  # e.g. "layer[12].inner_product_param.foo"
+    layer: str | None = None  # the layer's name, when the field is inside a layer
+
+    def __str__(self) -> str:
+        where = f"layer '{self.layer}', " if self.layer else ""
+        return f"{where}line {self.line}: {self.path}"
+
+
+@dataclass
+class CaffeNet:
+    """A parsed, upgraded network description: a current-format ``NetParameter`` plus what the read saw."""
+
+    net: object  # schema.NetParameter, upgraded (layer entries only, legacy inputs as an Input layer)
+    path: str = "<string>"
+    source_format: str = "V2"  # "V2", "V1" (legacy ``layers``)
+    unknown_fields: list[UnknownField] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Text prototxt
+# ----------------------------------------------------------------------------------------------------
+
+_TOKEN = re.compile(
+    r"""
+    (?P<space>\s+)
+  | (?P<comment>\#[^\n]*)
+  | (?P<string>"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*')
+  | (?P<number>[-+]?(?:0[xX][0-9a-fA-F]+|(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)[fF]?)
+  | (?P<ident>[A-Za-z_][\w.]*)
+  | (?P<punct>.)
+    """,
+    re.VERBOSE,
+)
+
+
+def _tokens(text: str) -> Iterator[tuple[str, str, int]]:
+    line = 1
+    for match in _TOKEN.finditer(text):
+        kind, value = match.lastgroup, match.group()
+        if kind not in ("space", "comment"):
+            yield kind, value, line
+        line += value.count("\n")
+
+
+def _is_repeated(field_descriptor) -> bool:
+    # ``is_repeated`` is protobuf >= 5.28; ``label`` is gone in protobuf 7.
+    if hasattr(field_descriptor, "is_repeated"):
+        return bool(field_descriptor.is_repeated)
+    return field_descriptor.label == field_descriptor.LABEL_REPEATED
+
+
+def _unknown_fields(text: str, descriptor) -> list[tuple[int, str]]:
+    """(line, dotted path) of every field name that ``descriptor``'s schema lacks, at any depth.
+
+    protobuf's ``allow_unknown_field`` skips such fields silently; this scan exists to report them. It only
+    tracks structure (names and braces); protobuf's parser remains the judge of syntax and values.
+    """
+    tokens = list(_tokens(text))
+    found: list[tuple[int, str]] = []
+    stack: list[tuple[object, str, dict]] = [(descriptor, "", {})]
+    i, n = 0, len(tokens)
+    while i < n:
+        kind, value, line = tokens[i]
+        if value in ("}", ">"):
+            if len(stack) > 1:
+                stack.pop()
+            i += 1
+            continue
+        if kind != "ident":
+            i += 1
+            continue
+        desc, path, seen = stack[-1]
+        fdesc = desc.fields_by_name.get(value) if desc is not None else None
+        index = seen.get(value, 0)
+        seen[value] = index + 1
+        fpath = f"{path}.{value}" if path else value
+        if fdesc is not None and _is_repeated(fdesc):
+            fpath += f"[{index}]"
+        if desc is not None and fdesc is None:
+            found.append((line, fpath))
+        i += 1
+        if i < n and tokens[i][1] == ":":
+            i += 1
+        if i >= n:
+            break
+        opener = tokens[i][1]
+        if opener in ("{", "<"):
+            stack.append((fdesc.message_type if fdesc is not None else None, fpath, {}))
+            i += 1
+        elif opener == "[":
+            depth = 0
+            while i < n:
+                if tokens[i][1] in ("[", "{", "<"):
+                    depth += 1
+                elif tokens[i][1] in ("]", "}", ">"):
+                    depth -= 1
+                i += 1
+                if depth == 0:
+                    break
+        else:
+            if opener == "-":
+                i += 1
+            i += 1
+            while i < n and tokens[i][0] == "string":
+                i += 1
+    return found
+
+
+def _layer_of(net, path: str) -> str | None:
+    match = re.match(r"(layers?)\[(\d+)\]", path)
+    if match is None:
+        return None
+    entries = getattr(net, match.group(1))
+    index = int(match.group(2))
+    return entries[index].name if index < len(entries) else None
+
+
+def parse_prototxt(text: str, path: str = "<string>") -> CaffeNet:
+    """Parse prototxt ``text`` (a current or V1 net) into an upgraded ``CaffeNet``.
+
+    Example:
+    >>> net = parse_prototxt('input: "data" input_dim: 1 input_dim: 3 input_dim: 8 input_dim: 8 '
+    ...                      'layer { name: "relu" type: "ReLU" bottom: "data" top: "data" foo: 1 }')
+    >>> [layer.type for layer in net.net.layer], [f.path for f in net.unknown_fields]
+    (['Input', 'ReLU'], ['layer[0].foo'])
+    """
+    net = schema.NetParameter()
+    try:
+        text_format.Parse(text, net, allow_unknown_field=True)
+    except text_format.ParseError as error:
+        raise ConversionError(f"{path}: not a valid Caffe prototxt: {error}") from None
+    unknown = [UnknownField(line, fpath, _layer_of(net, fpath))
+               for line, fpath in _unknown_fields(text, net.DESCRIPTOR)]
+    v0_layers = sorted({u.layer or u.path for u in unknown if re.match(r"layers\[\d+\]\.layer$", u.path)})
+    if v0_layers:
+        raise ConversionError(
+            f"{path}: this is a V0 (2013) net (layers with a nested 'layer' block, e.g. {v0_layers[0]!r}); "
+            "upgrade it with Caffe's tools/upgrade_net_proto_text first"
+        )
+    source_format = "V1" if len(net.layers) else "V2"
+    upgraded = upgrade.upgrade_net(net, path)
+    return CaffeNet(net=upgraded, path=path, source_format=source_format, unknown_fields=unknown)
+
+
+def read_prototxt(path: str | os.PathLike) -> CaffeNet:
+    """Read a text .prototxt (current ``layer`` or legacy V1 ``layers`` format) into a ``CaffeNet``.
+
+    Fields of other Caffe forks are skipped and listed in ``unknown_fields``; the legacy net-level
+    ``input``/``input_dim``/``input_shape`` declarations become an ``Input`` layer, as Caffe does.
+
+    Example:
+    >>> import tempfile, os
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     file = os.path.join(tmp, "net.prototxt")
+    ...     _ = open(file, "w").write('layer { name: "data" type: "Input" top: "data" '
+    ...                               'input_param { shape { dim: 1 dim: 3 dim: 8 dim: 8 } } }')
+    ...     read_prototxt(file).net.layer[0].input_param.shape[0].dim
+    [1, 3, 8, 8]
+    """
+    path = os.fspath(path)
+    size = _file_size(path, "prototxt")
+    if size > MAX_PROTOTXT_BYTES:
+        raise ConversionError(
+            f"{path}: {size} bytes is far larger than any network description "
+            f"(limit {MAX_PROTOTXT_BYTES}); is it a .caffemodel? The prototxt comes first, the weights second"
+        )
+    with open(path, "rb") as handle:
+        data = handle.read()
+    if b"\x00" in data[:4096]:
+        raise ConversionError(
+            f"{path}: this is a binary file, not a text prototxt; if it is the .caffemodel, "
+            "pass the .prototxt first and the .caffemodel second"
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = data.decode("latin-1")
+    return parse_prototxt(text, path)
+
+
+def _file_size(path: str, what: str) -> int:
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise ConversionError(f"{path}: no such {what} file") from None
+    except OSError as error:
+        raise ConversionError(f"{path}: cannot read the {what}: {error.strerror}") from None
+    if not Path(path).is_file():
+        raise ConversionError(f"{path}: not a regular file")
+    return info.st_size
+
+
+# ----------------------------------------------------------------------------------------------------
+# Binary caffemodel
+# ----------------------------------------------------------------------------------------------------
+
+
+def _read_varint(handle: io.BufferedReader, end: int, path: str) -> int:
+    result = shift = 0
+    while True:
+        if handle.tell() >= end:
+            raise ConversionError(f"{path}: truncated caffemodel (a field header runs past the end of its message)")
+        byte = handle.read(1)[0]
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result
+        shift += 7
+        if shift > 63:
+            raise ConversionError(f"{path}: not a Caffe caffemodel (malformed varint)")
+
+
+def _scan_fields(handle, start: int, end: int, path: str) -> Iterator[tuple[int, int, int, int]]:
+    """Yield (field number, wire type, value offset, value length or varint value) of one message."""
+    handle.seek(start)
+    while handle.tell() < end:
+        key = _read_varint(handle, end, path)
+        number, wire = key >> 3, key & 7
+        if number == 0:
+            raise ConversionError(f"{path}: not a Caffe caffemodel (field number 0 at byte {handle.tell()})")
+        if wire == _WIRE_VARINT:
+            yield number, wire, handle.tell(), _read_varint(handle, end, path)
+            continue
+        if wire == _WIRE_LEN:
+            length = _read_varint(handle, end, path)
+        elif wire == _WIRE_FIXED64:
+            length = 8
+        elif wire == _WIRE_FIXED32:
+            length = 4
+        else:
+            raise ConversionError(
+                f"{path}: not a Caffe caffemodel (wire type {wire} at byte {handle.tell()}; Caffe files use 0, 1, 2, 5)"
+            )
+        offset = handle.tell()
+        if offset + length > end:
+            raise ConversionError(
+                f"{path}: truncated caffemodel: a field at byte {offset} claims {length} bytes, "
+                f"only {end - offset} remain"
+            )
+        yield number, wire, offset, length
+        handle.seek(offset + length)
+
+
+@dataclass(frozen=True)
+class CaffemodelLayer:
+    """Where one layer's message lies in a caffemodel, and its name and type."""
+
+    name: str
+    type: str
+    offset: int
+    length: int
+    v1: bool
+
+
+def blob_shape(blob) -> tuple[int, ...]:
+    """A ``BlobProto``'s shape: the legacy (num, channels, height, width) when any is set, else ``shape.dim``."""
+    if any(blob.HasField(name) for name in ("num", "channels", "height", "width")):
+        return (blob.num, blob.channels, blob.height, blob.width)
+    return tuple(blob.shape.dim)
+
+
+_RAW_DTYPES = {0: "<f8", 1: "<f4", 2: "<f2"}
+
+
+def _blob_values(blob, where: str, path: str):
+    """(NumPy dtype string, number of values, getter) of a blob's stored data, without converting it."""
+    if len(blob.double_data):
+        return len(blob.double_data), lambda: np.asarray(blob.double_data, dtype=np.float64)
+    if len(blob.data):
+        return len(blob.data), lambda: np.asarray(blob.data, dtype=np.float32)
+    if blob.HasField("raw_data"):
+        dtype = _RAW_DTYPES.get(blob.raw_data_type)
+        if dtype is None:
+            raise ConversionError(
+                f"{path}: {where} stores raw_data of type {blob.raw_data_type} (integer); only float blobs convert"
+            )
+        itemsize = np.dtype(dtype).itemsize
+        if len(blob.raw_data) % itemsize:
+            raise ConversionError(f"{path}: {where}: raw_data length is not a multiple of {itemsize}")
+        return len(blob.raw_data) // itemsize, lambda: np.frombuffer(blob.raw_data, dtype=dtype)
+    return 0, lambda: np.zeros(0, dtype=np.float32)
+
+
+class Caffemodel:
+    """A binary .caffemodel opened for reading: a name -> layer index, weights read on demand.
+
+    Layers are matched by name only, as Caffe's ``CopyTrainedLayersFrom`` does; where several layers share a
+    name the last one wins (it is the one Caffe copies last).
+
+    Example:
+    >>> import tempfile, os, numpy as np
+    >>> from converters.caffe.writer import write_caffemodel
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     file = os.path.join(tmp, "w.caffemodel")
+    ...     _ = write_caffemodel(file, [("fc", "InnerProduct", [np.ones((2, 3), "float32")])])
+    ...     model = read_caffemodel(file)
+    ...     [blob.shape for blob in model.blobs("fc")]
+    [(2, 3)]
+    """
+
+    def __init__(self, path: str, layers: list[CaffemodelLayer], size: int, source_format: str):
+        self.path = path
+        self.layers = layers
+        self.size = size
+        self.source_format = source_format
+        self._by_name = {layer.name: layer for layer in layers}
+        self.duplicate_names = sorted({layer.name for layer in layers if sum(l.name == layer.name for l in layers) > 1})
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._by_name
+
+    def names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
+    def _message(self, name: str):
+        entry = self._by_name[name]
+        with open(self.path, "rb") as handle:
+            handle.seek(entry.offset)
+            raw = handle.read(entry.length)
+        if len(raw) != entry.length:
+            raise ConversionError(f"{self.path}: the file changed while reading layer '{name}'")
+        message_type = schema.V1LayerBlobs if entry.v1 else schema.LayerBlobs
+        try:
+            return message_type.FromString(raw)
+        except protobuf_message.DecodeError as error:
+            raise ConversionError(f"{self.path}: layer '{name}' is corrupt in the caffemodel: {error}") from None
+
+    def _checked_blobs(self, name: str):
+        message = self._message(name)
+        checked = []
+        for index, blob in enumerate(message.blobs):
+            where = f"blob {index} of layer '{name}'"
+            shape = blob_shape(blob)
+            if any(dim < 0 for dim in shape):
+                raise ConversionError(f"{self.path}: {where} has a negative dimension {shape}")
+            claimed = math.prod(shape)
+            held, getter = _blob_values(blob, where, self.path)
+            if claimed != held:
+                raise ConversionError(
+                    f"{self.path}: {where} claims shape {shape} ({claimed} values) but holds {held} values; "
+                    "the file is corrupt or truncated"
+                )
+            checked.append((shape, getter))
+        return checked
+
+    def blob_shapes(self, name: str) -> list[tuple[int, ...]]:
+        """Shapes of layer ``name``'s blobs as stored (legacy 4-D dims included), checked against their data."""
+        return [shape for shape, _ in self._checked_blobs(name)]
+
+    def blobs(self, name: str) -> list[np.ndarray]:
+        """Layer ``name``'s blobs as float32 arrays in their stored shapes (Caffe layout)."""
+        return [getter().astype(np.float32, copy=False).reshape(shape) for shape, getter in self._checked_blobs(name)]
+
+
+def _looks_like_text(head: bytes) -> bool:
+    if not head:
+        return False
+    printable = sum(32 <= byte < 127 or byte in (9, 10, 13) for byte in head)
+    return printable / len(head) > 0.95
+
+
+def read_caffemodel(path: str | os.PathLike) -> Caffemodel:
+    """Index a binary .caffemodel (current ``layer`` or V1 ``layers`` format) without loading its weights.
+
+    Raises ``ConversionError`` for a missing, oversized, truncated or foreign file.
+    """
+    path = os.fspath(path)
+    size = _file_size(path, "caffemodel")
+    if size > MAX_CAFFEMODEL_BYTES:
+        raise ConversionError(
+            f"{path}: {size} bytes exceeds the 2 GiB that Caffe itself can read (kProtoReadBytesLimit); "
+            "it is not a caffemodel Caffe wrote"
+        )
+    with open(path, "rb") as handle:
+        head = handle.read(512)
+        if _looks_like_text(head):
+            raise ConversionError(
+                f"{path}: this is a text file, not a binary caffemodel; if it is the .prototxt, "
+                "pass it first and the .caffemodel second"
+            )
+        layers: list[CaffemodelLayer] = []
+        kinds = set()
+        for number, wire, offset, length in _scan_fields(handle, 0, size, path):
+            if number in (100, 2) and wire == _WIRE_LEN:
+                kinds.add(number)
+                resume = offset + length
+                layers.append(_index_layer(handle, offset, length, v1=number == 2, path=path))
+                handle.seek(resume)
+            elif number not in (1, 3, 4, 5, 6, 7, 8):
+                raise ConversionError(
+                    f"{path}: not a Caffe caffemodel (top-level field {number} is not in caffe.proto's NetParameter)"
+                )
+    if not layers:
+        raise ConversionError(f"{path}: not a Caffe caffemodel (it holds no layers)")
+    if kinds == {100, 2}:
+        raise ConversionError(
+            f"{path}: the caffemodel mixes current 'layer' and V1 'layers' entries, which Caffe refuses"
+        )
+    return Caffemodel(path, layers, size, "V1" if kinds == {2} else "V2")
+
+
+def _index_layer(handle, offset: int, length: int, v1: bool, path: str) -> CaffemodelLayer:
+    name_field, type_field = (4, 5) if v1 else (1, 2)
+    name, layer_type = None, ""
+    for number, wire, value_offset, value in _scan_fields(handle, offset, offset + length, path):
+        if v1 and number == 1 and wire == _WIRE_LEN:
+            raise ConversionError(
+                f"{path}: this is a V0 (2013) caffemodel; upgrade it with Caffe's tools/upgrade_net_proto_binary first"
+            )
+        if number == name_field and wire == _WIRE_LEN:
+            position = handle.tell()
+            handle.seek(value_offset)
+            name = handle.read(value).decode("utf-8", errors="replace")
+            handle.seek(position)
+        elif number == type_field:
+            if v1 and wire == _WIRE_VARINT:
+                layer_type = schema.V1_LAYER_TYPES.get(value, f"V1 type {value}")
+            elif not v1 and wire == _WIRE_LEN:
+                position = handle.tell()
+                handle.seek(value_offset)
+                layer_type = handle.read(value).decode("utf-8", errors="replace")
+                handle.seek(position)
+    if name is None:
+        raise ConversionError(f"{path}: not a Caffe caffemodel (a layer at byte {offset} has no name)")
+    return CaffemodelLayer(name=name, type=layer_type, offset=offset, length=length, v1=v1)
