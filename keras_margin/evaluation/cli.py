@@ -1,0 +1,138 @@
+"""``keras-margin verify``: LFW-protocol verification figures of a ``.keras`` model (10-fold accuracy, AUC, EER,
+TAR@FAR, optional ROC plot). TensorFlow and Keras are imported inside ``run``, so ``keras-margin --version`` stays fast.
+
+Exit codes: 0 evaluated, 2 bad input (one line on stderr, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["add_arguments", "run"]
+
+PROG = "keras-margin verify"
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        parts = [int(part) for part in text.lower().replace("x", ",").split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) != 2 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected HEIGHT,WIDTH, e.g. 112,96")
+    return parts[0], parts[1]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``verify`` subcommand's arguments to ``parser``.
+
+    Example:
+    >>> import argparse
+    >>> parser = argparse.ArgumentParser()
+    >>> add_arguments(parser)
+    >>> args = parser.parse_args(["m.keras", "--pairs", "pairs.txt", "--images", "lfw", "--flip", "--size", "112,96"])
+    >>> args.flip, args.size
+    (True, (112, 96))
+    """
+    parser.add_argument("model", help="the .keras model (a margin head and label inputs are dropped)")
+    parser.add_argument("--pairs", required=True, help="LFW pairs file: pairs.txt (View 2, '10 300' header), "
+                                                       "a View 1 file ('500' header) or a header-less list")
+    parser.add_argument("--images", required=True, help="images folder: DIR/<name>/<name>_<0001>.<ext>")
+    parser.add_argument("--flip", action="store_true",
+                        help="embedding = L2-normalized feature(image) + feature(mirror image), as the AM-Softmax "
+                             "deploy net (leave off for a model that flips by itself)")
+    parser.add_argument("--roc", metavar="PNG", default=None, help="write the ROC plot (needs matplotlib)")
+    parser.add_argument("--json", metavar="FILE", default=None, help="also write the figures as JSON")
+    parser.add_argument("--ext", default="jpg", help="image file extension (default jpg)")
+    parser.add_argument("--size", type=_size, metavar="H,W", default=None,
+                        help="resize every image to H,W (default: none; images must have the model's input size)")
+    parser.add_argument("--bgr", action="store_true", help="feed BGR instead of RGB (Caffe models)")
+    parser.add_argument("--mean", type=float, default=0.0, help="subtracted from pixels 0..255 (default 0)")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="multiplies after the mean (default 1; AM-Softmax deploy: --mean 128 --scale 0.0078125)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per model call (default 64)")
+    parser.add_argument("--far", type=float, nargs="+", default=None, metavar="FAR",
+                        help="FAR targets for TAR@FAR (default 1e-1 1e-2 ... 1e-6)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _error(message: str) -> int:
+    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``keras-margin verify`` with parsed ``args``; returns the exit code.
+
+    Example:
+    >>> import argparse
+    >>> parser = argparse.ArgumentParser()
+    >>> add_arguments(parser)
+    >>> run(parser.parse_args(["absent.keras", "--pairs", "p.txt", "--images", "."]))
+    2
+    """
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from keras_margin.evaluation.images import Preprocessing, load_image
+    from keras_margin.evaluation.lfw import evaluate_lfw
+    from keras_margin.evaluation.metrics import DEFAULT_FARS
+    from keras_margin.evaluation.pairs import PairsFileError, image_paths, read_pairs
+    from keras_margin.export.loading import load_model
+
+    if args.batch_size < 1:
+        return _error(f"--batch-size must be >= 1; got {args.batch_size}")
+    if any(not 0.0 <= far <= 1.0 for far in args.far or ()):
+        return _error(f"--far values must be in [0, 1]; got {args.far}")
+    for option, path in (("--roc", args.roc), ("--json", args.json)):
+        if path is not None and not Path(path).resolve().parent.is_dir():
+            return _error(f"{option} {path}: the folder {Path(path).parent} does not exist")
+    try:
+        preprocessing = Preprocessing(size=args.size, channel_order="bgr" if args.bgr else "rgb",
+                                      mean=args.mean, scale=args.scale)
+        # The cheap checks first: a bad pairs file or a missing image should not wait for the model.
+        pairs = read_pairs(args.pairs, ext=args.ext)
+        paths = image_paths(pairs, args.images, source=args.pairs)
+        model = load_model(args.model)
+        _check_image_size(model, load_image(paths[0], preprocessing.size), paths[0])
+        report = evaluate_lfw(model, args.pairs, args.images, flip=args.flip, preprocessing=preprocessing,
+                              ext=args.ext, batch_size=args.batch_size, fars=args.far or DEFAULT_FARS,
+                              roc=args.roc, progress=not args.quiet)
+    except (PairsFileError, FileNotFoundError, ValueError, ImportError) as error:
+        return _error(str(error))
+    print(f"{args.model} on {args.pairs}{' (flip)' if args.flip else ''}")
+    print(report.summary())
+    if args.roc:
+        print(f"ROC plot  {args.roc}")
+    if args.json:
+        figures = {
+            "accuracy": report.accuracy, "accuracy_std": report.accuracy_std,
+            "fold_accuracies": report.fold_accuracies.tolist(), "fold_thresholds": report.fold_thresholds.tolist(),
+            "auc": report.auc, "eer": report.eer, "eer_threshold": report.eer_threshold,
+            "best_threshold": report.best_threshold, "best_accuracy": report.best_accuracy,
+            "tar_at_far": {f"{far:g}": {"tar": tar, "threshold": threshold}
+                           for far, (tar, threshold) in report.tar_at_far.items()},
+            "genuine": report.genuine, "impostor": report.impostor, "flip": args.flip,
+        }
+        try:
+            with open(args.json, "w") as handle:
+                json.dump(figures, handle, indent=2)
+        except OSError as error:
+            return _error(f"{args.json}: cannot write: {error.strerror}")
+        print(f"figures   {args.json}")
+    return 0
+
+
+def _check_image_size(model, image, path) -> None:
+    shape = model.inputs[0].shape if model.inputs else None
+    if shape is None or len(shape) != 4:
+        return
+    expected = tuple(shape[1:3])
+    if None not in expected and tuple(image.shape[:2]) != expected:
+        raise ValueError(
+            f"{path}: the image is {image.shape[0]}x{image.shape[1]} but the model takes {expected[0]}x{expected[1]}; "
+            f"pass --size {expected[0]},{expected[1]} to resize (or use aligned {expected[0]}x{expected[1]} faces)"
+        )

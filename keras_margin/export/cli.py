@@ -1,0 +1,108 @@
+"""``keras-margin export``: a ``.keras`` model to ONNX and/or TFLite, each file run in its runtime and compared
+with Keras. TensorFlow and Keras are imported inside ``run``, so ``keras-margin --version`` stays fast.
+
+Exit codes: 0 exported and within tolerance, 1 an exported file disagrees with Keras beyond tolerance, 2 bad
+input or a failed conversion (one line on stderr, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+__all__ = ["add_arguments", "run"]
+
+PROG = "keras-margin export"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``export`` subcommand's arguments to ``parser``.
+
+    Example:
+    >>> import argparse
+    >>> parser = argparse.ArgumentParser()
+    >>> add_arguments(parser)
+    >>> args = parser.parse_args(["m.keras", "--tflite", "m.tflite", "--quantize", "float16"])
+    >>> args.tflite, args.quantize, args.onnx
+    ('m.tflite', 'float16', None)
+    """
+    parser.add_argument("model", help="the .keras model (trained with keras-margin, or from keras-margin convert)")
+    parser.add_argument("--onnx", metavar="FILE.onnx", default=None, help="write an ONNX file (float32)")
+    parser.add_argument("--tflite", metavar="FILE.tflite", default=None, help="write a TFLite file")
+    parser.add_argument("--quantize", choices=("none", "float16", "dynamic"), default="none",
+                        help="TFLite weights: none (float32, default), float16, or dynamic (int8 weights)")
+    parser.add_argument("--include-head", action="store_true",
+                        help="export the margin head's cos(theta) output too (default: the embedding part only)")
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: tf2onnx's)")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="size of the random batch the parity check runs on (default 8; batch 1 is checked too)")
+
+
+def _error(message: str) -> int:
+    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``keras-margin export`` with parsed ``args``; returns the exit code.
+
+    Example:
+    >>> import argparse
+    >>> parser = argparse.ArgumentParser()
+    >>> add_arguments(parser)
+    >>> run(parser.parse_args(["absent.keras", "--onnx", "m.onnx"]))
+    2
+    """
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if not args.onnx and not args.tflite:
+        return _error("nothing to do: give --onnx FILE.onnx and/or --tflite FILE.tflite")
+    quantize = None if args.quantize == "none" else args.quantize
+    if quantize and not args.tflite:
+        return _error(f"--quantize {args.quantize} applies to the TFLite file; give --tflite FILE.tflite "
+                      "(ONNX is always exported in float32)")
+    if args.batch_size < 1:
+        return _error(f"--batch-size must be >= 1; got {args.batch_size}")
+    for option, path, suffix in (("--onnx", args.onnx, ".onnx"), ("--tflite", args.tflite, ".tflite")):
+        if path is None:
+            continue
+        if Path(path).suffix != suffix:
+            return _error(f"{option} {path}: the file name must end in {suffix}")
+        if not Path(path).resolve().parent.is_dir():
+            return _error(f"{option} {path}: the folder {Path(path).parent} does not exist")
+
+    from keras_margin.export.embedding import embedding_model, find_head
+    from keras_margin.export.loading import load_model
+
+    try:
+        model = load_model(args.model)
+        head = find_head(model)
+        part = embedding_model(model, include_head=args.include_head)
+    except (FileNotFoundError, ValueError) as error:
+        return _error(str(error))
+    what = ("the whole model with the head's cos(theta) output" if args.include_head and head is not None else
+            f"the embedding part (inputs -> the input of {type(head).__name__} '{head.name}')" if head is not None
+            else "the whole model (it has no margin head)")
+    print(f"{args.model}: exporting {what}, output shape {part.output_shape}")
+
+    from keras_margin.export.onnx_export import export_onnx
+    from keras_margin.export.tflite_export import export_tflite
+
+    reports = []
+    try:
+        if args.onnx:
+            reports.append(export_onnx(model, args.onnx, include_head=args.include_head, opset=args.opset,
+                                       batch_size=args.batch_size, verbose=True))
+        if args.tflite:
+            reports.append(export_tflite(model, args.tflite, quantize=quantize, include_head=args.include_head,
+                                         batch_size=args.batch_size, verbose=True))
+    except (FileNotFoundError, ValueError, RuntimeError, TypeError) as error:
+        return _error(str(error))
+    failed = [report for report in reports if not report.passed()]
+    for report in failed:
+        print(f"PARITY CHECK FAILED: {report.format} {report.precision} differs from Keras beyond tolerance")
+    if not failed:
+        print("parity: all exports within tolerance")
+    return 1 if failed else 0
