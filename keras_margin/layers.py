@@ -1,7 +1,8 @@
 """Cosine classifier layers: ``CosineDense`` and the margin heads built on it.
 
 Called on embeddings alone a head outputs cos(theta) (batch, num_classes) and its ``loss`` attribute
-applies the margin; called as ``head([embeddings, labels], training=True)`` it returns margin logits.
+applies the margin; called as ``head([embeddings, labels], training=True)`` it returns margin logits, or,
+with ``fused_loss=True``, adds and returns its own (optionally chunked or class-sampled) loss.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import math
 import keras
 from keras import initializers, ops
 
-from keras_margin import _validation, losses
+from keras_margin import _validation, chunked, losses, sampling
 from keras_margin.core import cosine_matrix, margin_logits, sparse_labels
 from keras_margin.margins import (
     amsoftmax_target,
@@ -123,13 +124,60 @@ class MarginHead(CosineDense):
     - ``head([x, labels], training=True)``: margin logits for
       ``keras.losses.SparseCategoricalCrossentropy(from_logits=True)``.
     - ``head([x, labels])`` at inference (training False/None): the same logits without the margin.
+
+    Fused loss, for very many classes (``fused_loss=True``; every head takes these options):
+    - ``head([x, labels], training=...)`` returns the per-sample loss, shape (batch,), float32, and adds
+      its batch mean with ``self.add_loss``: build a functional model on ``[inputs, labels]`` and compile
+      with ``loss=None`` (a Sequential model cannot pass labels to a layer, so it keeps ``head.loss``).
+      The margin applies when ``training`` is True; otherwise the loss is the plain ``s * cos`` softmax.
+      Sample weights are not applied to the added loss. ``head(x)`` still returns the cosines.
+    - ``chunk_size=N``: the exact loss computed over chunks of N classes with a running log-sum-exp and
+      a backward pass that recomputes each chunk, so the (batch, num_classes) logits never exist
+      (memory O(batch x N + num_classes x embedding_dim)); equal to the unchunked loss to float32
+      rounding. The memory bound needs XLA: JAX, or ``jit_compile=True`` on TensorFlow (Keras leaves
+      XLA off on a CPU-only TensorFlow, where the chunked loss is exact but saves no memory).
+    - ``sample_rate=r`` < 1: Partial FC (InsightFace): each training step keeps the batch's classes plus
+      a uniform random subset of the others, ``max(ceil(r * C), batch)`` classes in all, and only those
+      kernel columns get a gradient. This approximates the loss (the softmax sees only the sampled
+      negatives); evaluation (training False) uses every class.
+
+    Formula (fused, chunked):
+    ```
+    lse_other = log(sum_{j != y} exp(scale * cos(theta_j)))       chunk by chunk
+    z_y = scale * target(cos(theta_y))
+    loss = log(exp(lse_other) + exp(z_y)) - z_y
+    ```
+
+    Example:
+    >>> import numpy as np, keras
+    >>> embeddings, labels = keras.Input((8,)), keras.Input((), dtype="int32")
+    >>> head = AMSoftmaxHead(1000, chunk_size=256, fused_loss=True)
+    >>> model = keras.Model([embeddings, labels], head([embeddings, labels]))
+    >>> model.compile("sgd", loss=None, jit_compile=True)
+    >>> x, y = np.random.rand(32, 8).astype("float32"), np.arange(32)
+    >>> history = model.fit([x, y], epochs=1, batch_size=16, verbose=0)
     """
 
-    def __init__(self, num_classes: int, s: float = 30.0, **kwargs):
+    def __init__(self, num_classes: int, s: float = 30.0, chunk_size: int | None = None,
+                 sample_rate: float = 1.0, fused_loss: bool = False, **kwargs):
         owner = type(self).__name__
         num_classes = _validation.check_count(owner, "num_classes", num_classes, minimum=2)
         super().__init__(num_classes, **kwargs)
         self.s = _validation.check_number(owner, "s", s, low=0.0, low_open=True)
+        if not isinstance(fused_loss, bool):
+            raise ValueError(f"{owner}: `fused_loss` must be a bool; got {fused_loss!r}.")
+        self.fused_loss = fused_loss
+        self.chunk_size = (None if chunk_size is None
+                           else _validation.check_count(owner, "chunk_size", chunk_size, minimum=1))
+        self.sample_rate = sampling.check_sample_rate(owner, sample_rate)
+        if not fused_loss and (self.chunk_size is not None or self.sample_rate < 1.0):
+            raise ValueError(
+                f"{owner}: `chunk_size` and `sample_rate` apply to the loss the head computes itself; pass "
+                "fused_loss=True as well (head([x, labels]) then adds and returns the per-sample loss; compile "
+                "with loss=None)."
+            )
+        if self.sample_rate < 1.0:
+            self.seed_generator = keras.random.SeedGenerator()
 
     @property
     def num_classes(self) -> int:
@@ -158,11 +206,44 @@ class MarginHead(CosineDense):
                 f"{type(self).__name__}: expected embeddings or [embeddings, labels]; got {len(inputs)} inputs."
             )
         x, labels = inputs
+        if self.fused_loss:
+            _validation.check_embeddings(type(self).__name__, x)
+            class_ids = sparse_labels(type(self).__name__, labels, self.units)
+            per_sample = self.per_sample_loss(x, class_ids, training=bool(training))
+            self.add_loss(ops.mean(per_sample))
+            return per_sample
         cos_theta = self.cosine(x)
         class_ids = sparse_labels(type(self).__name__, labels, self.units)
         if training:
             return margin_logits(cos_theta, class_ids, self.training_target(), self.scale(x))
         return margin_logits(cos_theta, class_ids, lambda c: c, self.scale(x))
+
+    def per_sample_loss(self, x, class_ids, training: bool = False):
+        """Per-sample loss (batch,) of embeddings and int32 class ids, with ``chunk_size`` / ``sample_rate``.
+
+        The target function, scale and cosines are the head's own (``training_target``, ``scale``,
+        ``core.cosine_matrix``); ``keras_margin.chunked.margin_loss`` chunks them. A training call
+        advances SphereFace's schedule once, however many chunks there are.
+        """
+        target = self.training_target() if training else (lambda c: c)
+        kernel, class_ids = self.kernel, ops.cast(class_ids, "int32")
+        if training and self.sample_rate < 1.0:
+            num_sampled = sampling.num_sampled_classes(self.units, self.sample_rate, x.shape[0])
+            if num_sampled < self.units:
+                sampled, class_ids = sampling.sample_classes(class_ids, self.units, num_sampled, self.seed_generator)
+                kernel = ops.take(kernel, sampled, axis=1)
+        return chunked.margin_loss(x, kernel, class_ids, target, self.scale(x), self.chunk_size,
+                                   self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        if self.fused_loss and isinstance(input_shape, (list, tuple)) and isinstance(input_shape[0], (list, tuple)):
+            return (self._embedding_shape(input_shape)[0],)
+        return super().compute_output_shape(input_shape)
+
+    def compute_output_spec(self, inputs, *args, **kwargs):
+        if self.fused_loss and isinstance(inputs, (list, tuple)):
+            return keras.KerasTensor((inputs[0].shape[0],), dtype="float32")
+        return super().compute_output_spec(inputs, *args, **kwargs)
 
     def training_target(self):
         """The target function used by a training call (SphereFace advances its schedule here)."""
@@ -171,7 +252,8 @@ class MarginHead(CosineDense):
     def get_config(self):
         config = super().get_config()
         config.pop("units")
-        config.update({"num_classes": self.units, "s": self.s})
+        config.update({"num_classes": self.units, "s": self.s, "chunk_size": self.chunk_size,
+                       "sample_rate": self.sample_rate, "fused_loss": self.fused_loss})
         return config
 
 

@@ -25,6 +25,12 @@ from keras_margin.margins import (
 from keras_margin.margins.sphereface import SUPPORTED_M
 from keras_margin.margins.x2softmax import check_x2softmax_parameters
 
+try:  # Keras' symbolic build (e.g. under tf.distribute) feeds the loss labels it made itself.
+    from keras.src.backend.common.symbolic_scope import in_symbolic_scope as _in_keras_symbolic_build
+except ImportError:  # pragma: no cover - a Keras without the private module: always check
+    def _in_keras_symbolic_build() -> bool:
+        return False
+
 __all__ = [
     "MarginLoss",
     "NormFaceLoss",
@@ -110,8 +116,11 @@ class MarginLoss(keras.losses.Loss):
         if not hasattr(y_true, "dtype"):
             y_true = ops.convert_to_tensor(y_true)
         num_classes = y_pred.shape[-1] if hasattr(y_pred, "shape") else None
+        # Keras' own symbolic build of the compiled loss passes float64 placeholder labels: the user's
+        # labels are checked when real data arrives, so only the shape is checked there.
         if num_classes is not None:
-            _validation.label_kind(type(self).__name__, y_true, num_classes)
+            _validation.label_kind(type(self).__name__, y_true, num_classes,
+                                   check_dtype=not _in_keras_symbolic_build())
         return super().__call__(y_true, y_pred, sample_weight=sample_weight)
 
     def call(self, y_true, y_pred):

@@ -1,0 +1,288 @@
+"""Very large class counts: peak memory and step time of the dense head path against the chunked and the
+class-sampled (Partial FC) fused loss, for AM-Softmax at batch 512, embedding 512.
+
+One step is what the head costs inside a training step: the head's fused loss (``AMSoftmaxHead(C,
+fused_loss=True, chunk_size=..., sample_rate=...)`` through ``head.stateless_call``), its gradient
+w.r.t. the kernel and the embeddings (which a backbone would need), and an SGD update of the kernel,
+compiled by XLA (JAX: ``jax.jit`` with the kernel donated; TensorFlow: ``tf.function(jit_compile=True)``).
+The dense path is the same head with ``chunk_size=None``: cosines, margin logits and cross-entropy on
+the full (batch, C) matrix, as the label-aware form and the cosine-path losses compute them.
+
+Each configuration runs in a fresh interpreter. Memory, two ways:
+- "XLA temp": the compiled step's temporary buffers from XLA's memory analysis
+  (``jax.jit(step).lower(...).compile().memory_analysis().temp_size_in_bytes``; JAX only). It is known
+  before anything runs, so it is also the estimate that decides whether the dense path can fit.
+- "RSS peak": the process's peak resident set growth (VmHWM in /proc/self/status) during the timed
+  steps, over its RSS once the weights, inputs and compiled step exist and one warm-up step has run
+  (freed heap trimmed with malloc_trim and the peak reset through /proc/self/clear_refs first).
+"Extra" is either figure minus the kernel gradient, (d x C) float32, which every path must hold: the
+issue's target is chunked extra <= 10% of dense extra, chunked time <= 1.3x dense.
+
+Usage:
+    python benchmarks/large_classes.py                              # both class counts, JAX
+    python benchmarks/large_classes.py --classes 85742 --reps 3
+    python benchmarks/large_classes.py --backend tensorflow         # RSS only (no XLA memory analysis)
+    python benchmarks/large_classes.py --backend tensorflow --jit off   # TF without XLA (its CPU default)
+    python benchmarks/large_classes.py --quick                      # small sizes: a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Sequence
+
+PATHS = {  # name -> head options
+    "dense": {},
+    "chunked 8192": {"chunk_size": 8192},
+    "chunked 32768": {"chunk_size": 32768},
+    "sampled 0.1": {"sample_rate": 0.1},
+    "chunked 4096": {"chunk_size": 4096},  # not run by default
+    "sampled 0.1 + chunked 8192": {"sample_rate": 0.1, "chunk_size": 8192},  # not run by default
+}
+DEFAULT_PATHS = ["dense", "chunked 8192", "chunked 32768", "sampled 0.1"]
+GIB, MIB = 2.0**30, 2.0**20
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", choices=["jax", "tensorflow"], default="jax")
+    parser.add_argument("--classes", default="85742,1000000", help="comma-separated class counts")
+    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--reps", type=int, default=3, help="timed steps after one warm-up step")
+    parser.add_argument("--jit", choices=["on", "off"], default="on",
+                        help="TensorFlow only: off runs the step as a plain tf.function (Keras' CPU default)")
+    parser.add_argument("--paths", default=",".join(DEFAULT_PATHS), help=f"comma-separated, from {list(PATHS)}")
+    parser.add_argument("--headroom", type=float, default=0.85,
+                        help="run a configuration only if its estimate is below this share of MemAvailable")
+    parser.add_argument("--quick", action="store_true", help="batch 64, dim 64, 20,000 classes, 1 rep")
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.batch, args.dim, args.classes, args.reps = 64, 64, "20000", 1
+    return args
+
+
+# --------------------------------------------------------------------------------------------------
+# Child: one configuration in a fresh interpreter.
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _mem_available() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise KeyError("MemAvailable")
+
+
+def _reset_peak_rss() -> None:
+    """Return freed heap to the OS, then reset VmHWM to the current RSS (Linux >= 4.0)."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _head(config: dict):
+    import keras_margin as km
+
+    return km.AMSoftmaxHead(config["classes"], s=30.0, m=0.35, fused_loss=True, **PATHS[config["path"]])
+
+
+def _inputs(config: dict):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(config["batch"], config["dim"])).astype("float32")
+    y = rng.integers(0, config["classes"], size=config["batch"]).astype("int32")
+    return x, y
+
+
+def _run_jax(config: dict) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    head = _head(config)
+    x, y = _inputs(config)
+    head.build([x.shape, y.shape])
+    trainable = [v.value for v in head.trainable_variables]
+    non_trainable = [v.value for v in head.non_trainable_variables]
+    x, y = jnp.asarray(x), jnp.asarray(y)
+
+    def loss_fn(trainable, x, non_trainable):
+        per_sample, non_trainable = head.stateless_call(trainable, non_trainable, [x, y], training=True)
+        return jnp.mean(per_sample), non_trainable
+
+    def step(trainable, non_trainable, x):
+        (loss, non_trainable), (d_trainable, d_x) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
+            trainable, x, non_trainable)
+        trainable = [w - 0.1 * g for w, g in zip(trainable, d_trainable)]
+        return trainable, non_trainable, d_x, loss
+
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(trainable, non_trainable, x).compile()
+    analysis = compiled.memory_analysis()
+    resident = analysis.argument_size_in_bytes + analysis.output_size_in_bytes - analysis.alias_size_in_bytes
+    result = {"xla_temp": analysis.temp_size_in_bytes, "estimate": resident + analysis.temp_size_in_bytes}
+    if result["estimate"] > config["headroom"] * _mem_available():
+        return {**result, "skipped": f"estimated {result['estimate'] / GIB:.1f} GiB > {config['headroom']:.0%} "
+                                     f"of MemAvailable {_mem_available() / GIB:.1f} GiB"}
+
+    def run_once(state):
+        trainable, non_trainable = state
+        start = time.perf_counter()
+        trainable, non_trainable, d_x, loss = compiled(trainable, non_trainable, x)
+        jax.block_until_ready((trainable, d_x, loss))
+        return (trainable, non_trainable), time.perf_counter() - start, float(loss)
+
+    return {**result, **_measure(run_once, (trainable, non_trainable), config)}
+
+
+def _run_tensorflow(config: dict) -> dict:
+    import tensorflow as tf
+
+    # No XLA memory analysis here: estimate the dense path from the JAX figures (weights, gradient and
+    # about five (batch, C) float32 buffers) and skip it when it cannot fit.
+    if not PATHS[config["path"]]:
+        estimate = 4 * config["classes"] * (2 * config["dim"] + 5 * config["batch"])
+        if estimate > config["headroom"] * _mem_available():
+            return {"estimate": estimate, "skipped": f"estimated {estimate / GIB:.1f} GiB > "
+                                                     f"{config['headroom']:.0%} of MemAvailable "
+                                                     f"{_mem_available() / GIB:.1f} GiB"}
+    head = _head(config)
+    x, y = _inputs(config)
+    head.build([x.shape, y.shape])
+    x, y = tf.constant(x), tf.constant(y)
+    variables = [v.value for v in head.trainable_variables]  # the tf.Variables
+
+    @tf.function(jit_compile=config.get("jit", "on") == "on")
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_mean(head([x, y], training=True))
+        *d_variables, d_x = tape.gradient(loss, variables + [x])
+        for variable, gradient in zip(variables, d_variables):
+            variable.assign_sub(0.1 * tf.convert_to_tensor(gradient))
+        return loss, d_x
+
+    step.get_concrete_function(x, y)  # trace; XLA compiles on the first call (the warm-up, before the reset)
+
+    def run_once(state):
+        start = time.perf_counter()
+        loss, d_x = step(x, y)
+        _ = d_x.numpy()
+        return state, time.perf_counter() - start, float(loss)
+
+    return _measure(run_once, None, config)
+
+
+def _measure(run_once, state, config: dict) -> dict:
+    import gc
+
+    state, first, loss = run_once(state)  # warm-up (TensorFlow: includes XLA compilation)
+    gc.collect()
+    _reset_peak_rss()
+    baseline = _status_bytes("VmRSS")
+    times = []
+    for _ in range(config["reps"]):
+        state, seconds, loss = run_once(state)
+        times.append(seconds)
+    return {"rss_peak": _status_bytes("VmHWM") - baseline, "step_s": statistics.median(times),
+            "first_step_s": first, "loss": loss}
+
+
+def _child(config: dict) -> None:
+    os.environ["KERAS_BACKEND"] = config["backend"]
+    import keras
+
+    keras.utils.set_random_seed(0)
+    result = _run_jax(config) if config["backend"] == "jax" else _run_tensorflow(config)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Driver.
+
+
+def _run_child(config: dict) -> dict:
+    env = {**os.environ, "KERAS_BACKEND": config["backend"], "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(config)], capture_output=True,
+                          text=True, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {"skipped": f"failed (exit {proc.returncode}): {' | '.join(tail)}"}
+
+
+def _fmt_bytes(value) -> str:
+    return "-" if value is None else f"{value / MIB:,.0f} MiB"
+
+
+def _ratio(value, dense) -> str:
+    if value is None or not dense:
+        return "-"
+    return f"{value / dense:.3f}"
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    if args.child:
+        _child(json.loads(args.child))
+        return []
+    paths = [p.strip() for p in args.paths.split(",")]
+    unknown = [p for p in paths if p not in PATHS]
+    if unknown:
+        raise SystemExit(f"unknown --paths {unknown}; choose from {list(PATHS)}")
+    jit = "XLA" if args.backend == "jax" or args.jit == "on" else "no XLA"
+    print(f"backend {args.backend} ({jit}), batch {args.batch}, embedding {args.dim}, AM-Softmax (s=30, m=0.35), "
+          f"{os.cpu_count()} CPUs, MemAvailable {_mem_available() / GIB:.1f} GiB; median of {args.reps} steps")
+    results = []
+    for classes in [int(c) for c in args.classes.split(",")]:
+        gradient = args.dim * classes * 4
+        print(f"\n{classes:,} classes: weights {gradient / GIB:.2f} GiB, kernel gradient {gradient / GIB:.2f} GiB "
+              f"(subtracted in the 'extra' columns)")
+        header = (f"{'path':<26} {'step s':>8} {'x dense':>8} {'XLA temp':>11} {'extra':>11} {'x dense':>8} "
+                  f"{'RSS peak':>11} {'extra':>11} {'x dense':>8}")
+        print(header)
+        dense = {}
+        for path in paths:
+            config = {"backend": args.backend, "classes": classes, "batch": args.batch, "dim": args.dim,
+                      "reps": args.reps, "path": path, "headroom": args.headroom, "jit": args.jit}
+            result = {**config, **_run_child(config)}
+            for key in ("xla_temp", "rss_peak"):
+                if result.get(key) is not None:
+                    result[key + "_extra"] = max(result[key] - gradient, 0)
+            if path == "dense":
+                dense = result
+            results.append(result)
+            if "skipped" in result and "step_s" not in result:
+                print(f"{path:<26} not run: {result['skipped']} (XLA temp {_fmt_bytes(result.get('xla_temp'))})")
+                continue
+            print(f"{path:<26} {result['step_s']:8.3f} {_ratio(result['step_s'], dense.get('step_s')):>8} "
+                  f"{_fmt_bytes(result.get('xla_temp')):>11} {_fmt_bytes(result.get('xla_temp_extra')):>11} "
+                  f"{_ratio(result.get('xla_temp_extra'), dense.get('xla_temp_extra')):>8} "
+                  f"{_fmt_bytes(result['rss_peak']):>11} {_fmt_bytes(result['rss_peak_extra']):>11} "
+                  f"{_ratio(result['rss_peak_extra'], dense.get('rss_peak_extra')):>8}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()
