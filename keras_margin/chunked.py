@@ -12,6 +12,7 @@ from keras_margin import _validation
 from keras_margin.core import (
     TargetFn,
     _valid,
+    column_sq_norms,
     cosine_matrix,
     l2_normalize,
     margin_cross_entropy,
@@ -108,7 +109,7 @@ def nontarget_logsumexp(x, kernel, class_ids, scale, chunk_size: int, compute_dt
             def backward_chunk(start, is_new, carry):
                 d_x_unit, d_scale, d_kernel = carry
                 w = ops.cast(ops.slice(kernel, (0, start), (embedding_dim, chunk_size)), "float32")
-                inv_norm = ops.rsqrt(ops.sum(ops.square(w), axis=0) + _NORM_EPS)
+                inv_norm = ops.rsqrt(column_sq_norms(w) + _NORM_EPS)
                 cos = cosine_matrix(x32, w, compute_dtype)           # recomputed, not stored
                 is_target = ops.equal(_chunk_columns(start, chunk_size), class_ids[:, None])
                 logits = ops.where(is_target | ~is_new, _NEG_INF, scale[:, None] * cos)

@@ -32,10 +32,19 @@ def cosine_matrix(x, kernel, compute_dtype: str = "float32"):
     the (d, C) kernel.
     """
     x_unit = l2_normalize(x, axis=-1)
-    kernel32 = ops.cast(kernel, "float32")
-    inv_col_norm = ops.rsqrt(ops.sum(ops.square(kernel32), axis=0) + _NORM_EPS)
+    inv_col_norm = ops.rsqrt(column_sq_norms(kernel) + _NORM_EPS)
     product = ops.matmul(ops.cast(x_unit, compute_dtype), ops.cast(kernel, compute_dtype))
     return ops.cast(product, "float32") * inv_col_norm
+
+
+def column_sq_norms(kernel):
+    """Squared L2 norm of each column of a (d, C) kernel, (C,) float32.
+
+    Summed along the last axis of the transpose: XLA on CPU reduces a row far faster than it reduces the
+    leading axis of a (d, C) matrix (1.6x against 1.25x the matmul floor for a whole head on JAX at
+    C=85,742, equal on TensorFlow), and the sum stays an exact float32 reduction (no matmul precision).
+    """
+    return ops.sum(ops.square(ops.transpose(ops.cast(kernel, "float32"))), axis=-1)
 
 
 def sparse_labels(owner: str, labels, num_classes: int):
