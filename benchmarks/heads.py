@@ -55,7 +55,7 @@ HEADS = {
 STAGES = {
     "cos": "cosine_matrix only (loss = sum(cos)): x normalization, (d, C) column norms, matmul",
     "cos+ce": "cosines, then plain float32 cross-entropy s*cos (gather of the target logit, logsumexp)",
-    "cos+loss": "cosines, then the package's normface_loss (margin_logits + softmax_cross_entropy)",
+    "cos+loss": "cosines, then the package's normface_loss (core.margin_cross_entropy)",
     "head": "the full AMSoftmaxHead + AMSoftmaxLoss (stateless_call + head.loss), as in the main table",
 }
 

@@ -77,8 +77,8 @@ def margin_logits(cos_theta, class_ids, target: TargetFn, scale):
 def margin_cross_entropy(cos_theta, class_ids, target: TargetFn, scale):
     """Per-sample ``logsumexp(z) - z_y`` of ``margin_logits``, in float32; NaN for a class id outside [0, C).
 
-    Equal to ``softmax_cross_entropy(margin_logits(...))``, but ``z_y`` is kept from building the logits
-    instead of being gathered back out of the (batch, C) matrix: one pass over it fewer, each way.
+    ``z_y`` is kept from building the logits instead of being gathered back out of the (batch, C)
+    matrix: one pass over it fewer, each way.
     """
     z, z_y, valid = _logits_and_target(cos_theta, class_ids, target, scale)
     # Marked here and not only in the logits: XLA's CPU math does not promise NaN propagation through
@@ -94,23 +94,8 @@ def _logits_and_target(cos_theta, class_ids, target: TargetFn, scale):
     cos_y = ops.sum(ops.where(is_target, cos_theta, 0.0), axis=-1)
     target_cos = target(cos_y)
     z = scale * ops.where(is_target, target_cos[:, None], cos_theta)
-    z_y = ops.reshape(scale * target_cos[:, None], (-1,)) if _is_row_scale(scale) else scale * target_cos
+    z_y = ops.reshape(scale * target_cos[:, None], (-1,))  # scale: a number, () or (batch, 1)
     return z, z_y, _valid(class_ids, num_classes)
-
-
-def _is_row_scale(scale) -> bool:
-    return len(getattr(scale, "shape", ())) == 2
-
-def softmax_cross_entropy(logits, class_ids):
-    """Per-sample ``logsumexp(z) - z_y`` in float32; NaN for a class id outside [0, C)."""
-    logits = ops.cast(logits, "float32")
-    num_classes = logits.shape[-1]
-    is_target = ops.equal(ops.arange(num_classes, dtype="int32")[None, :], class_ids[:, None])
-    target_logit = ops.sum(ops.where(is_target, logits, 0.0), axis=-1)
-    loss = ops.logsumexp(logits, axis=-1) - target_logit
-    # Marked here as well as in margin_logits: XLA's CPU math does not promise NaN propagation
-    # through exp/log, but a select of a NaN constant survives.
-    return ops.where(_valid(class_ids, num_classes), loss, float("nan"))
 
 
 def _valid(class_ids, num_classes: int):
