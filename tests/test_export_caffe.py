@@ -17,7 +17,7 @@ caffe_nets = pytest.importorskip("tests.caffe_nets", reason="the Caffe test fixt
 
 from keras_margin.export import export_onnx, export_tflite  # noqa: E402
 
-NET = dict(widths=(8, 16, 32, 64), embedding=64)  # the real depth and input size, a quarter of the channels
+NET = dict(widths=(8, 16, 32, 64), embedding=64)  # the real depth and input size, an eighth of the channels
 CLASSES = 100
 FLOAT32_MAX_ABS, FLOAT16_MIN_COS, DYNAMIC_MIN_COS = 1e-5, 0.9999, 0.999
 
