@@ -15,6 +15,7 @@ from keras import ops
 import keras_margin as km
 import keras_margin.chunked
 from keras_margin.chunked import chunked_margin_loss, margin_loss
+from tests import numpy_reference
 
 pytestmark = pytest.mark.backend_agnostic
 
@@ -27,15 +28,8 @@ CHUNKS = [1, 3, 4, C, 64]
 class ref:
     """NumPy float64 references written from the papers' formulas."""
 
-    @staticmethod
-    def cosine(x, kernel):
-        return (x / np.linalg.norm(x, axis=1, keepdims=True)) @ (kernel / np.linalg.norm(kernel, axis=0))
-
-    @staticmethod
-    def psi(cos, m):
-        theta = np.arccos(np.clip(cos, -1.0, 1.0))
-        k = np.minimum(np.floor(m * theta / np.pi), m - 1)
-        return (-1.0) ** k * np.cos(m * theta) - 2.0 * k
+    cosine = staticmethod(numpy_reference.cosine)
+    psi = staticmethod(numpy_reference.psi)
 
     @staticmethod
     def loss(cos, y, target_cos, scale):

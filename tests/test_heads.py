@@ -8,34 +8,11 @@ import pytest
 from keras import ops
 
 import keras_margin as km
+from tests import numpy_reference as ref  # float64, psi through arccos (not the Chebyshev route)
 
 pytestmark = pytest.mark.backend_agnostic
 
 B, D, C = 12, 6, 7
-
-
-class ref:
-    """NumPy float64 references written from the papers (psi through arccos, not the Chebyshev route)."""
-
-    @staticmethod
-    def cosine(x, kernel):
-        x_unit = x / np.linalg.norm(x, axis=1, keepdims=True)
-        return x_unit @ (kernel / np.linalg.norm(kernel, axis=0, keepdims=True))
-
-    @staticmethod
-    def psi(cos, m):
-        theta = np.arccos(np.clip(cos, -1.0, 1.0))
-        k = np.minimum(np.floor(m * theta / np.pi), m - 1)
-        return (-1.0) ** k * np.cos(m * theta) - 2.0 * k
-
-    @classmethod
-    def sphereface_caffe_logits(cls, x, kernel, y, m, lam):
-        norms = np.linalg.norm(x, axis=1, keepdims=True)
-        cos = cls.cosine(x, kernel)
-        logits = norms * cos
-        rows = np.arange(len(y))
-        logits[rows, y] = norms[:, 0] * (lam * cos[rows, y] + cls.psi(cos[rows, y], m)) / (1.0 + lam)
-        return logits
 
 
 def _data(seed=0):
