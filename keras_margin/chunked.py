@@ -9,7 +9,8 @@ from __future__ import annotations
 from keras import ops
 
 from keras_margin import _validation
-from keras_margin.core import (
+from keras_margin.core import (  # _NORM_EPS: the epsilon of l2_normalize / cosine_matrix, in their derivative
+    _NORM_EPS,
     TargetFn,
     _valid,
     column_sq_norms,
@@ -18,7 +19,6 @@ from keras_margin.core import (
     margin_cross_entropy,
 )
 
-_NORM_EPS = 1e-12  # the epsilon of core.l2_normalize / core.cosine_matrix, needed by their derivative
 _NEG_INF = float("-inf")
 
 
