@@ -15,6 +15,23 @@ from keras_margin.layers import (
 )
 from keras_margin.losses import normface_scale_lower_bound
 from keras_margin.version import __version__
+from keras_margin_cli import plugins as _plugins
+
+
+def _register_plugin_layers() -> None:
+    """Import every ``keras_margin.custom_objects`` entry point (e.g. the Caffe converter's layers), so that
+    ``import keras_margin`` is enough for ``keras.saving.load_model`` on any file keras-margin wrote."""
+    import warnings
+
+    for point in _plugins.entry_points(_plugins.CUSTOM_OBJECTS):
+        try:
+            _plugins.load(point)
+        except ImportError as error:  # a broken plug-in must not break the heads: say so and go on
+            warnings.warn(f"keras_margin: the layers of plug-in '{point.name}' are not registered: {error}",
+                          stacklevel=2)
+
+
+_register_plugin_layers()
 
 __all__ = [
     "AMSoftmaxHead",

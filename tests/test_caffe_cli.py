@@ -85,7 +85,7 @@ def test_errors_are_one_line_with_exit_code_2(train_files, tmp_path, capsys, mon
 def test_installed_command_reports_errors_without_a_traceback(tmp_path):
     prototxt, _ = write_net(tmp_path, 'input: "data" input_shape { dim: 1 dim: 3 }\n'
                                       'layer { name: "act" type: "Mish" bottom: "data" top: "act" }')
-    result = subprocess.run([sys.executable, "-m", "keras_margin.cli", "convert", str(prototxt), "-o",
+    result = subprocess.run([sys.executable, "-m", "keras_margin_cli", "convert", str(prototxt), "-o",
                              str(tmp_path / "m.keras")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr

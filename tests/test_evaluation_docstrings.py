@@ -4,14 +4,14 @@ import doctest
 
 import pytest
 
-import keras_margin.evaluation.cli
+import keras_margin_cli.verify
 import keras_margin.evaluation.embeddings
 import keras_margin.evaluation.images
 import keras_margin.evaluation.metrics
 import keras_margin.evaluation.pairs
 import keras_margin.evaluation.plot
 
-MODULES = [keras_margin.evaluation.cli, keras_margin.evaluation.embeddings, keras_margin.evaluation.images,
+MODULES = [keras_margin_cli.verify, keras_margin.evaluation.embeddings, keras_margin.evaluation.images,
            keras_margin.evaluation.metrics, keras_margin.evaluation.pairs, keras_margin.evaluation.plot]
 
 

@@ -24,7 +24,7 @@ from keras_margin.evaluation import (
     load_image,
     load_images,
 )
-from keras_margin.evaluation import cli
+from keras_margin_cli import verify as cli
 
 HEIGHT, WIDTH, PEOPLE, IMAGES_EACH, EMBEDDING = 12, 10, 6, 3, 16
 
@@ -245,7 +245,7 @@ def test_verify_cli_missing_model(lfw, tmp_path, capsys):
 def test_installed_verify_command_reports_errors_without_a_traceback(lfw, saved_model, tmp_path):
     pairs = tmp_path / "pairs.txt"
     pairs.write_text("1 1\nPerson_A 1 2\nPerson_A 1 Person_B two\n")
-    result = subprocess.run([sys.executable, "-m", "keras_margin.cli", "verify", str(saved_model), "--pairs",
+    result = subprocess.run([sys.executable, "-m", "keras_margin_cli", "verify", str(saved_model), "--pairs",
                              str(pairs), "--images", str(lfw["images"]), "--ext", "png"],
                             capture_output=True, text=True, timeout=180)
     assert result.returncode == 2, result.stderr

@@ -17,7 +17,7 @@ from ai_edge_litert.interpreter import Interpreter
 
 from keras_margin import AMSoftmaxHead, NormFaceHead, SphereFaceHead
 from keras_margin.export import ParityReport, embedding_model, export_onnx, export_tflite
-from keras_margin.export import cli
+from keras_margin_cli import export as cli
 
 RNG = np.random.default_rng(42)
 
@@ -279,7 +279,7 @@ def test_export_cli_errors_are_one_line_with_exit_code_2(saved, tmp_path, monkey
 
 
 def test_installed_export_command(saved, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "keras_margin.cli", "export", str(saved), "--tflite",
+    result = subprocess.run([sys.executable, "-m", "keras_margin_cli", "export", str(saved), "--tflite",
                              str(tmp_path / "f.tflite"), "--quantize", "float16"],
                             capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr

@@ -8,14 +8,14 @@ import sys
 
 import pytest
 
-import keras_margin.export.cli
+import keras_margin_cli.export
 import keras_margin.export.embedding
 import keras_margin.export.loading
 import keras_margin.export.onnx_export
 import keras_margin.export.parity
 import keras_margin.export.tflite_export
 
-MODULES = [keras_margin.export.cli, keras_margin.export.embedding, keras_margin.export.loading,
+MODULES = [keras_margin_cli.export, keras_margin.export.embedding, keras_margin.export.loading,
            keras_margin.export.onnx_export, keras_margin.export.parity, keras_margin.export.tflite_export]
 
 
@@ -34,7 +34,7 @@ def test_subcommand_modules_do_not_import_tensorflow_or_keras():
         "spec = importlib.util.find_spec('keras_margin')\n"
         "bare = types.ModuleType('keras_margin'); bare.__path__ = list(spec.submodule_search_locations)\n"
         "sys.modules['keras_margin'] = bare\n"
-        "import keras_margin.export.cli, keras_margin.evaluation.cli, keras_margin.export, keras_margin.evaluation\n"
+        "import keras_margin_cli.export, keras_margin_cli.verify, keras_margin.export, keras_margin.evaluation\n"
         "print(sorted(m for m in ('tensorflow', 'keras', 'onnx', 'onnxruntime', 'matplotlib') if m in sys.modules))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -15,7 +15,9 @@ from pathlib import Path
 
 from converters.caffe.errors import ConversionError
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["HELP", "add_arguments", "run"]
+
+HELP = "convert a Caffe .prototxt + .caffemodel into a .keras model"
 
 PROG = "keras-margin convert"
 
@@ -155,7 +157,7 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv=None) -> int:  # pragma: no cover - the package's entry point is keras_margin.cli
+def main(argv=None) -> int:  # pragma: no cover - the package's entry point is keras-margin (keras_margin_cli)
     parser = argparse.ArgumentParser(prog=PROG, description="convert a Caffe model into a .keras model")
     add_arguments(parser)
     return run(parser.parse_args(argv))

@@ -1,5 +1,5 @@
 """Loading a ``.keras`` file for the ``export`` and ``verify`` subcommands: registers the package's layers (heads,
-and the Caffe converter's layers when present) first, and turns every failure into one clear ``ValueError``.
+and the plug-ins' layers, e.g. the Caffe converter's) first, and turns every failure into one clear ``ValueError``.
 """
 
 from __future__ import annotations
@@ -37,12 +37,7 @@ def load_model(path: str | os.PathLike) -> "keras.Model":
         raise ValueError(f"{path}: expected a .keras model file (keras.Model.save / keras-margin convert)")
     import keras
 
-    import keras_margin  # noqa: F401  (registers the heads)
-
-    try:
-        import converters.caffe.layers  # noqa: F401  (registers the layers of converted Caffe models)
-    except ImportError:
-        pass
+    import keras_margin  # noqa: F401  (registers the heads and every plug-in's layers)
     try:
         return keras.models.load_model(path)
     except Exception as error:  # Keras raises many types; the CLI reports them in one line

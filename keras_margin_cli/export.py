@@ -11,7 +11,11 @@ import argparse
 import sys
 from pathlib import Path
 
-__all__ = ["add_arguments", "run"]
+from keras_margin_cli import fail
+
+__all__ = ["HELP", "add_arguments", "run"]
+
+HELP = "export a .keras model to ONNX and/or TFLite, with a parity check"
 
 PROG = "keras-margin export"
 
@@ -39,9 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="size of the random batch the parity check runs on (default 8; batch 1 is checked too)")
 
 
-def _error(message: str) -> int:
-    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
-    return 2
+def _error(message: object) -> int:
+    return fail(PROG, message)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,9 +57,6 @@ def run(args: argparse.Namespace) -> int:
     >>> run(parser.parse_args(["absent.keras", "--onnx", "m.onnx"]))
     2
     """
-    import os
-
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if not args.onnx and not args.tflite:
         return _error("nothing to do: give --onnx FILE.onnx and/or --tflite FILE.tflite")
     quantize = None if args.quantize == "none" else args.quantize

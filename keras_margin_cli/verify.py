@@ -11,7 +11,11 @@ import json
 import sys
 from pathlib import Path
 
-__all__ = ["add_arguments", "run"]
+from keras_margin_cli import fail
+
+__all__ = ["HELP", "add_arguments", "run"]
+
+HELP = "face-verification accuracy (LFW protocol) of a .keras model"
 
 PROG = "keras-margin verify"
 
@@ -59,9 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _error(message: str) -> int:
-    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
-    return 2
+def _error(message: object) -> int:
+    return fail(PROG, message)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,9 +77,6 @@ def run(args: argparse.Namespace) -> int:
     >>> run(parser.parse_args(["absent.keras", "--pairs", "p.txt", "--images", "."]))
     2
     """
-    import os
-
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from keras_margin.evaluation.images import Preprocessing, load_image
     from keras_margin.evaluation.lfw import evaluate_lfw
     from keras_margin.evaluation.metrics import DEFAULT_FARS
