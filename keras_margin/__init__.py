@@ -4,6 +4,7 @@
 """
 
 from keras_margin import layers, losses
+from keras_margin.input_contract import InputContract, find_input_contract
 from keras_margin.layers import (
     AMSoftmaxHead,
     ArcFaceHead,
@@ -37,10 +38,12 @@ __all__ = [
     "AMSoftmaxHead",
     "ArcFaceHead",
     "CosineDense",
+    "InputContract",
     "MarginHead",
     "NormFaceHead",
     "SphereFaceHead",
     "X2SoftmaxHead",
+    "find_input_contract",
     "layers",
     "losses",
     "normface_scale_lower_bound",
