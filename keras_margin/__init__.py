@@ -1,7 +1,11 @@
 """keras-margin: margin-based softmax heads and losses for face recognition and metric learning in Keras 3.
 
-``keras_margin.layers`` holds the heads (also importable from here), ``keras_margin.losses`` the losses.
+``keras_margin.layers`` holds the heads (also importable from here), ``keras_margin.losses`` the losses;
+``keras_margin.export``, ``.evaluation``, ``.distribution`` and the other subpackages load on first use.
+Importing the package registers every layer keras-margin writes into ``.keras`` files, the plug-ins' included.
 """
+
+import importlib as _importlib
 
 from keras_margin import layers, losses
 from keras_margin.input_contract import InputContract, find_input_contract
@@ -49,3 +53,17 @@ __all__ = [
     "normface_scale_lower_bound",
     "__version__",
 ]
+
+# Subpackages reached as attributes (``keras_margin.export.export_onnx``) are imported on first use.
+_SUBMODULES = ("callbacks", "chunked", "core", "distribution", "evaluation", "export", "input_contract", "margins",
+               "sampling")
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return _importlib.import_module(f"keras_margin.{name}")
+    raise AttributeError(f"module 'keras_margin' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_SUBMODULES))
