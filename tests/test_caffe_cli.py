@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from tests.caffe_nets import face_resnet20_blobs, face_resnet20_prototxt, write_net
 from converters.caffe import cli, write_caffemodel
 from converters.caffe.reader import parse_prototxt
+from tests.caffe_nets import face_resnet20_blobs, face_resnet20_prototxt, write_net
 
 SMALL = dict(widths=(8, 8, 16, 16), embedding=16, input_hw=(28, 24))
 
@@ -45,8 +45,9 @@ def test_convert_writes_a_keras_file_and_prints_a_summary_with_parity(train_file
                      "head      AMSoftmaxHead 'fc6_l2' (num_classes=10, s=30, m=0.35)", "BGR",
                      "parity vs OpenCV", "all within tolerance"):
         assert expected in out, expected
-    import converters.caffe.layers  # noqa: F401
     import keras
+
+    import converters.caffe.layers  # noqa: F401
 
     model = keras.saving.load_model(output)
     assert model.layers[-1].__class__.__name__ == "AMSoftmaxHead"

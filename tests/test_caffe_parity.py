@@ -8,10 +8,10 @@ import zipfile
 import numpy as np
 import pytest
 
-from tests.caffe_nets import face_resnet20_blobs, face_resnet20_prototxt, opencv_forward, write_net
 from converters.caffe import ConversionError, convert, parity_report, write_caffemodel
 from converters.caffe.parity import load_reference_npz
 from converters.caffe.reader import parse_prototxt
+from tests.caffe_nets import face_resnet20_blobs, face_resnet20_prototxt, opencv_forward, write_net
 
 SMALL = dict(widths=(8, 8, 16, 16), embedding=16, input_hw=(28, 24))
 
@@ -93,3 +93,27 @@ def test_npz_reference_refuses_pickles_and_absurd_sizes(tmp_path):
     not_zip.write_bytes(b"this is not a zip archive")
     with pytest.raises(ConversionError, match="not an .npz"):
         load_reference_npz(not_zip)
+
+
+def test_opencv_parity_without_a_caffemodel_runs_on_the_initial_weights(small_deploy):
+    from converters.caffe.parity import FILLER_WEIGHTS
+
+    prototxt, _ = small_deploy
+    report = parity_report(prototxt, None, "opencv")
+    assert report.ok, str(report)
+    assert report.weights == FILLER_WEIGHTS and "weights: the converted model's own initial weights" in report.summary()
+    assert report.row("norm1").cosine > 0.999999
+    # A conversion made without weights cannot be checked by OpenCV: it says what to pass instead.
+    with pytest.raises(ConversionError, match="made without a caffemodel: pass the prototxt instead"):
+        parity_report(conversion=convert(prototxt), reference="opencv")
+
+
+def test_an_opencv_failure_is_a_conversion_error_naming_the_layer_without_blobs(tmp_path):
+    prototxt, _ = write_net(tmp_path, 'input: "data" input_dim: 1 input_dim: 2 input_dim: 4 input_dim: 4\n'
+                                      'layer { name: "scale" type: "Scale" bottom: "data" top: "scale" }\n'
+                                      'layer { name: "relu" type: "ReLU" bottom: "scale" top: "relu" }\n')
+    caffemodel = tmp_path / "empty.caffemodel"
+    write_caffemodel(caffemodel, [("relu", "ReLU", [])])
+    with pytest.raises(ConversionError, match=r"OpenCV failed running the net \(.*scale_layer\.cpp.*no blobs for "
+                                              r"layer\(s\) 'scale'"):
+        parity_report(prototxt, caffemodel, "opencv")

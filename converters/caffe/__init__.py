@@ -67,3 +67,8 @@ def __getattr__(name: str):
     value = getattr(import_module(module), name)
     globals()[name] = value
     return value
+
+
+def __dir__() -> list[str]:
+    """The public API (lazy names included, loaded or not) and the module's own globals."""
+    return sorted(set(__all__) | set(globals()))

@@ -3,6 +3,17 @@ and an optional parity check. Keras/TensorFlow are imported inside ``run`` so ``
 
 Exit codes: 0 converted (and parity within tolerance), 1 parity check failed, 2 conversion error (one line,
 no traceback).
+
+The output is written to a temporary file in the output's folder and moved onto the output path
+(``os.replace``) only once everything asked for has run: an error, Ctrl-C or a failed save never leaves a
+partial file there, and an error (exit 2, including a ``--check`` that cannot run) leaves no new output at
+all. When the parity check runs but finds a divergence (exit 1), the converted file IS kept at the output
+path, and the summary says so: it is what the converter produced, worth inspecting with ``--report``.
+
+``--check`` is validated before anything is converted or written: ``opencv`` needs an importable cv2 with
+``cv2.dnn.readNetFromCaffe``, anything else must be an existing ``.npz`` file. ``--check opencv`` without a
+caffemodel checks the converted model's own initial weights: drawn from the prototxt fillers, written to a
+temporary caffemodel that OpenCV reads and the model is converted from (so the .keras holds those weights).
 """
 
 from __future__ import annotations
@@ -10,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,8 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="TEST: the deploy net (default); TRAIN: keep TRAIN-phase layers, e.g. to rebuild "
                              "a training head such as AMSoftmaxHead")
     parser.add_argument("--check", metavar="opencv|REF.npz", default=None,
-                        help="compare every blob with OpenCV's Caffe importer on the same files, or with blobs "
-                             "dumped from Caffe into an .npz (keys: blob names)")
+                        help="compare every blob with OpenCV's Caffe importer on the same files (without a "
+                             "caffemodel: on the initial weights drawn from the fillers), or with blobs dumped "
+                             "from Caffe into an .npz (keys: blob names)")
     parser.add_argument("--input-shape", metavar="C,H,W", default=None,
                         help="input size when the prototxt's data layer does not give it, e.g. 3,112,96")
     parser.add_argument("--atol", type=float, default=1e-4,
@@ -68,28 +81,64 @@ def _output_path(args) -> str:
     output = args.output or f"{Path(args.prototxt).stem}.keras"
     if not output.endswith(".keras"):
         raise ConversionError(f"-o {output!r}: the output file name must end in .keras")
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):
+        raise ConversionError(f"-o {output}: the folder {folder} does not exist; create it first")
+    if os.path.isdir(output):
+        raise ConversionError(f"-o {output}: is a folder; give a file name ending in .keras")
     return output
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the conversion described by ``args`` (from ``add_arguments``); return the exit code."""
+    from keras_margin_cli import fail
+
     try:
         return _run(args)
     except ConversionError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2
+        return fail(PROG, error)
 
 
 def _megabytes(path: str) -> str:
     return f"{os.path.getsize(path) / 1e6:.1f} MB"
 
 
+def _save_atomically(model, output: str, finish) -> object:
+    """Save ``model`` to a temporary .keras beside ``output``, call ``finish()`` (the check), then move the file
+    onto ``output``; on any error or interrupt the temporary file is removed and ``output`` is untouched."""
+    folder = os.path.dirname(os.path.abspath(output))
+    handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(output)}.", suffix=".partial.keras", dir=folder)
+    os.close(handle)
+    try:
+        try:
+            model.save(temporary)
+        except (OSError, ValueError) as error:
+            raise ConversionError(f"cannot write {output}: {error}") from None
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp's 0600 -> what open() would have given the output
+        result = finish()
+        os.replace(temporary, output)
+        return result
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
 def _run(args: argparse.Namespace) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     input_shape = _parse_shape(args.input_shape)
     output = _output_path(args)
+    if args.caffemodel is not None and not os.path.isfile(args.caffemodel):
+        raise ConversionError(f"{args.caffemodel}: no such caffemodel file")
 
     from converters.caffe.builder import convert
+    from converters.caffe.parity import FILLER_WEIGHTS, check_reference, initial_weights_caffemodel, parity_report
+    from converters.caffe.reader import read_prototxt
+
+    if args.check:
+        check_reference(args.check)  # before converting or writing anything
 
     def progress(done: int, total: int, name: str) -> None:
         # A plain text bar on stderr: redrawn in place on a terminal, a single final line otherwise.
@@ -100,25 +149,38 @@ def _run(args: argparse.Namespace) -> int:
         text = f"converting [{'=' * filled}{' ' * (30 - filled)}] {done}/{total} layers  {name[:30]:<30}"
         print(("\r" if sys.stderr.isatty() else "") + text, end=end, file=sys.stderr, flush=True)
 
-    started = time.perf_counter()
-    conversion = convert(args.prototxt, args.caffemodel, args.phase, input_shape=input_shape, progress=progress)
-    converted = time.perf_counter() - started
-    try:
-        conversion.model.save(output)
-    except (OSError, ValueError) as error:
-        raise ConversionError(f"cannot write {output}: {error}") from None
-    saved = time.perf_counter() - started - converted
+    with tempfile.TemporaryDirectory(prefix="keras_margin_convert_") as scratch:
+        started = time.perf_counter()
+        net = read_prototxt(args.prototxt)
+        caffemodel, initial = args.caffemodel, args.check == "opencv" and args.caffemodel is None
+        if initial:  # OpenCV needs weights: give both sides the model's initial ones
+            caffemodel = initial_weights_caffemodel(net, os.path.join(scratch, "initial.caffemodel"), args.phase,
+                                                    input_shape)
+        conversion = convert(net, caffemodel, args.phase, input_shape=input_shape, progress=progress)
+        converted = time.perf_counter() - started
+        timing = {}
 
-    report = None
-    if args.check:
-        from converters.caffe.parity import parity_report
+        def check():
+            timing["saved"] = time.perf_counter() - started - converted
+            if not args.check:
+                return None
+            found = parity_report(conversion=conversion, caffemodel=caffemodel, reference=args.check,
+                                  atol=args.atol, rtol=args.atol)
+            if initial:
+                found.weights = FILLER_WEIGHTS
+            return found
 
-        report = parity_report(conversion=conversion, caffemodel=args.caffemodel, reference=args.check,
-                               atol=args.atol, rtol=args.atol)
+        report = _save_atomically(conversion.model, output, check)
+    saved = timing["saved"]
 
     plan, model = conversion.plan, conversion.model
-    weights = f"{args.caffemodel} ({_megabytes(args.caffemodel)}, {plan.source_format})" if args.caffemodel \
-        else "none: initialised from the prototxt fillers"
+    if args.caffemodel:
+        weights = f"{args.caffemodel} ({_megabytes(args.caffemodel)}, {plan.source_format})"
+    elif initial:
+        weights = ("none: initialised from the prototxt fillers (drawn in Caffe layout; a temporary caffemodel "
+                   "of them fed the OpenCV check)")
+    else:
+        weights = "none: initialised from the prototxt fillers"
     caffe_count = len(plan.caffe_layers)
     lines = [f"{PROG}: {args.prototxt} (phase {plan.phase}) -> {output}"]
     lines.append(f"  layers    {caffe_count} Caffe layers -> {len(model.layers)} Keras layers"
@@ -151,6 +213,9 @@ def _run(args: argparse.Namespace) -> int:
             head, *rest = report.summary().splitlines()
             lines.append(f"  {head}")
             lines.extend(rest)
+        if not report.ok:
+            lines.append(f"  KEPT      {output} was written although the parity check FAILED (exit 1); "
+                         "do not use it before finding the divergence (--report shows every blob)")
     print("\n".join(lines))
     if report is not None and not report.ok:
         return 1

@@ -3,6 +3,10 @@
 References: OpenCV's own Caffe importer (``cv2.dnn.readNetFromCaffe``) on the planned net and the same
 caffemodel, with the fork layers it lacks registered as Python layers; or blobs dumped from real Caffe
 into an ``.npz`` (read with ``allow_pickle=False`` after checking every array's claimed size).
+
+Without a caffemodel, the OpenCV check runs on the net's initial weights: drawn from the prototxt fillers in
+Caffe layout (``writer.filler_blobs``), written to a temporary caffemodel, and the model converted from it,
+so both sides hold the same weights. An OpenCV failure (``cv2.error``) becomes a one-line ``ConversionError``.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -22,13 +27,17 @@ from converters.caffe import registry, schema
 from converters.caffe.builder import Conversion, convert
 from converters.caffe.errors import ConversionError
 from converters.caffe.handlers import DATA_LAYER_TYPES
-from converters.caffe.planner import Plan, TRAINING_ONLY_TYPES
+from converters.caffe.planner import TRAINING_ONLY_TYPES, Plan, plan_net
+from converters.caffe.reader import CaffeNet, read_prototxt
 
 __all__ = ["BlobParity", "ParityReport", "parity_report", "opencv_reference", "load_reference_npz",
-           "opencv_prototxt", "MAX_NPZ_BYTES"]
+           "opencv_prototxt", "check_reference", "initial_weights_caffemodel", "MAX_NPZ_BYTES", "FILLER_WEIGHTS"]
 
 #: An .npz of dumped blobs larger than this is refused before it is read.
 MAX_NPZ_BYTES = 2**32
+
+#: ``ParityReport.weights`` when the check ran without a caffemodel.
+FILLER_WEIGHTS = "the converted model's own initial weights (drawn from the prototxt fillers, no caffemodel)"
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,7 @@ class ParityReport:
     rtol: float
     skipped: list[str] = field(default_factory=list)
     batch_size: int = 0
+    weights: str = ""  # what the weights were, when not the given caffemodel (e.g. ``FILLER_WEIGHTS``)
 
     @property
     def first_divergence(self) -> BlobParity | None:
@@ -77,10 +87,12 @@ class ParityReport:
     def summary(self) -> str:
         """Two lines: what was compared, and the verdict (the first divergent blob, or the last blob's figures)."""
         head = (f"parity vs {self.reference}: {len(self.rows)} blobs compared on a batch of {self.batch_size} "
-                f"(tolerance {self.atol:g} + {self.rtol:g} * max|ref|)")
+                f"(tolerance {self.atol:g} + {self.rtol:g} * max|ref|)"
+                + (f"; weights: {self.weights}" if self.weights else ""))
         bad = self.first_divergence
         if bad is not None:
-            return (f"{head}\n  FIRST DIVERGENCE at blob '{bad.blob}' (layer '{bad.layer}'): max abs {bad.max_abs:.3g}, "
+            return (f"{head}\n  FIRST DIVERGENCE at blob '{bad.blob}' (layer '{bad.layer}'): "
+                    f"max abs {bad.max_abs:.3g}, "
                     f"max rel {bad.max_rel:.3g}, cosine {bad.cosine:.6f}{' - ' + bad.note if bad.note else ''}")
         if not self.rows:
             return f"{head}\n  nothing was comparable"
@@ -150,7 +162,8 @@ def load_reference_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
                         shape, fortran, dtype = np.lib.format.read_array_header_2_0(member)
                     header = member.tell()
                 if dtype.hasobject:
-                    raise ConversionError(f"{path}: array {info.filename!r} holds Python objects; only numbers are read")
+                    raise ConversionError(f"{path}: array {info.filename!r} holds Python objects; "
+                                          "only numbers are read")
                 claimed = math.prod(shape) * dtype.itemsize
                 if claimed != info.file_size - header:
                     raise ConversionError(
@@ -254,7 +267,8 @@ def _cv2():
         raise ConversionError("the OpenCV reference needs opencv-python-headless (>= 4.8, < 5): "
                               "pip install 'opencv-python-headless<5'") from None
     if not hasattr(cv2, "dnn") or not hasattr(cv2.dnn, "readNetFromCaffe"):
-        raise ConversionError(f"OpenCV {cv2.__version__} has no cv2.dnn.readNetFromCaffe; use opencv-python-headless < 5")
+        raise ConversionError(f"OpenCV {cv2.__version__} has no cv2.dnn.readNetFromCaffe; "
+                              "use opencv-python-headless < 5")
     global _registered
     if not _registered:
         for name, cls in _PY_LAYERS.items():
@@ -296,7 +310,8 @@ def opencv_prototxt(plan: Plan, batch_size: int) -> str:
         for field_name in ("include", "exclude", "phase", "blobs", "param", "loss_weight", "propagate_down"):
             copy.ClearField(field_name)
         if kind in DATA_LAYER_TYPES or kind == "Input":
-            tops = [top for top in layer.top if top in input_tops and top in shapes_by_name][:1 if kind != "Input" else None]
+            tops = [top for top in layer.top if top in input_tops and top in shapes_by_name]
+            tops = tops[:1 if kind != "Input" else None]
             copy.Clear()
             copy.name, copy.type = layer.name, "Input"
             for top in tops:
@@ -354,15 +369,32 @@ def opencv_reference(plan: Plan, caffemodel: str, feeds: Mapping[str, np.ndarray
         try:
             net = cv2.dnn.readNetFromCaffe(prototxt, caffemodel)
         except cv2.error as error:
-            raise ConversionError(f"OpenCV could not import the net: {str(error).strip().splitlines()[-1]}") from None
-    net.enableFusion(False)
-    net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
-    for name, value in feeds.items():
-        net.setInput(np.ascontiguousarray(value, np.float32), name)
-    available = set(net.getLayerNames())
-    wanted = [name for name in layer_names if name in available]
-    outputs = net.forward(wanted) if wanted else []
+            raise _opencv_error("could not import the net", error, plan, caffemodel) from None
+    try:
+        net.enableFusion(False)
+        net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
+        for name, value in feeds.items():
+            net.setInput(np.ascontiguousarray(value, np.float32), name)
+        available = set(net.getLayerNames())
+        wanted = [name for name in layer_names if name in available]
+        outputs = net.forward(wanted) if wanted else []
+    except cv2.error as error:
+        raise _opencv_error("failed running the net", error, plan, caffemodel) from None
     return dict(zip(wanted, (np.asarray(value) for value in outputs)))
+
+
+def _opencv_error(what: str, error: Exception, plan: Plan, caffemodel: str) -> ConversionError:
+    """A one-line ConversionError for a ``cv2.error``: OpenCV's message (source file, not its build path) and,
+    when the caffemodel lacks some layers' blobs (which OpenCV needs and Caffe would fill), which and the fix."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    detail = re.sub(r"\S*/([\w.]+\.(?:cpp|hpp|h)\b)", r"\1", lines[-1] if lines else type(error).__name__)
+    message = f"OpenCV {what} ({detail})"
+    if plan.missing_weights:
+        message += (f"; the caffemodel {os.path.basename(caffemodel)} has no blobs for layer(s) "
+                    f"{', '.join(repr(name) for name in plan.missing_weights)}, which OpenCV needs (Caffe fills them "
+                    "from the prototxt): re-save the caffemodel with them, check without the caffemodel (initial "
+                    "weights), or check against blobs dumped from Caffe (an .npz)")
+    return ConversionError(message)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -396,7 +428,9 @@ def parity_report(prototxt=None, caffemodel=None, reference: str = "opencv", *, 
 
     Args:
         prototxt, caffemodel, phase, input_shape: as ``load_caffe_model`` (or pass ``conversion``, the
-            result of ``convert``, and the caffemodel path).
+            result of ``convert``, and the caffemodel path). With the prototxt and no caffemodel, the OpenCV
+            check runs on initial weights drawn from the prototxt fillers (``initial_weights_caffemodel``),
+            the model converted from them; ``report.weights`` then says so.
         reference: "opencv" (OpenCV's Caffe importer on the same files; fork layers run as registered Python
             layers) or the path of an ``.npz`` of blobs dumped from Caffe (keys: blob names; it must hold
             the net's input blobs, as Caffe's net received them).
@@ -419,10 +453,57 @@ def parity_report(prototxt=None, caffemodel=None, reference: str = "opencv", *, 
     >>> [(row.blob, row.ok) for row in report.rows], report.first_divergence is None
     ([('conv', True), ('pool', True)], True)
     """
-    if conversion is None:
-        if prototxt is None:
-            raise ConversionError("parity_report needs a prototxt or a conversion")
-        conversion = convert(prototxt, caffemodel, phase, input_shape=input_shape)
+    weights = ""
+    with tempfile.TemporaryDirectory(prefix="keras_margin_parity_") as tmp:
+        if conversion is None:
+            if prototxt is None:
+                raise ConversionError("parity_report needs a prototxt or a conversion")
+            if caffemodel is None and reference == "opencv":
+                _cv2()  # before converting: OpenCV is missing or unusable
+                net = prototxt if isinstance(prototxt, CaffeNet) else read_prototxt(prototxt)
+                caffemodel = initial_weights_caffemodel(net, os.path.join(tmp, "initial.caffemodel"), phase,
+                                                        input_shape, seed=seed)
+                prototxt, weights = net, FILLER_WEIGHTS
+            conversion = convert(prototxt, caffemodel, phase, input_shape=input_shape)
+        report = _parity_report(conversion, caffemodel, reference, inputs, batch_size, seed, atol, rtol)
+    report.weights = report.weights or weights
+    return report
+
+
+def initial_weights_caffemodel(net: CaffeNet, path: str, phase: str = "TEST", input_shape=None,
+                               seed: int = 0) -> str:
+    """Write the initial weights of ``net`` (drawn from its prototxt fillers, ``writer.filler_blobs``) to the
+    caffemodel ``path`` and return ``path``: converting with it gives a model OpenCV can run on the same
+    weights."""
+    from converters.caffe.writer import write_filler_caffemodel
+
+    plan = plan_net(net, None, phase, input_shape)
+    try:
+        write_filler_caffemodel(path, plan, seed)
+    except ValueError as error:
+        raise ConversionError(f"{net.path}: cannot draw the initial weights: {error}") from None
+    except OSError as error:
+        raise ConversionError(f"cannot write the temporary caffemodel {path}: {error}") from None
+    return path
+
+
+def check_reference(reference: str, caffemodel=None) -> None:
+    """Raise ``ConversionError`` now if ``reference`` ("opencv" or an .npz path) cannot serve as a parity
+    reference: OpenCV not importable (or without its Caffe importer), or no such .npz file. Cheap: call it
+    before converting."""
+    if reference == "opencv":
+        _cv2()
+        return
+    path = os.fspath(reference)
+    if not path.endswith(".npz"):
+        raise ConversionError(f"--check {path!r}: expected 'opencv' or the path of an .npz of blobs dumped from "
+                              "Caffe (keys: blob names)")
+    if not os.path.isfile(path):
+        raise ConversionError(f"--check {path}: no such reference .npz file")
+
+
+def _parity_report(conversion: Conversion, caffemodel, reference, inputs, batch_size, seed, atol,
+                   rtol) -> ParityReport:
     plan, model = conversion.plan, conversion.model
     caffemodel_path = os.fspath(caffemodel) if caffemodel is not None else plan.caffemodel
 
@@ -434,7 +515,9 @@ def parity_report(prototxt=None, caffemodel=None, reference: str = "opencv", *, 
     npz = None
     if reference == "opencv":
         if caffemodel_path is None:
-            raise ConversionError("the OpenCV reference needs the caffemodel (OpenCV cannot run a net without weights)")
+            raise ConversionError("the OpenCV reference needs the weights of this conversion, which was made without "
+                                  "a caffemodel: pass the prototxt instead of conversion= to check on initial weights "
+                                  "drawn from the fillers, or a caffemodel")
         reference_name = f"OpenCV {_cv2().__version__}"
     else:
         npz = load_reference_npz(reference)
@@ -447,12 +530,15 @@ def parity_report(prototxt=None, caffemodel=None, reference: str = "opencv", *, 
         transform = _data_transform(layer) if (layer.type in DATA_LAYER_TYPES and index == 0) else None
         if inputs is not None and name in inputs:
             caffe_value = np.asarray(inputs[name], np.float32)
-            raw = caffe_value if transform is None else caffe_value / transform[1] + _broadcast_mean(transform[0], caffe_value)
+            raw = caffe_value if transform is None else \
+                caffe_value / transform[1] + _broadcast_mean(transform[0], caffe_value)
         elif npz is not None:
             if name not in npz:
-                raise ConversionError(f"{reference}: the reference has no input blob '{name}'; dump net.blobs['{name}'] too")
+                raise ConversionError(f"{reference}: the reference has no input blob '{name}'; "
+                                      f"dump net.blobs['{name}'] too")
             caffe_value = np.asarray(npz[name], np.float32)
-            raw = caffe_value if transform is None else caffe_value / transform[1] + _broadcast_mean(transform[0], caffe_value)
+            raw = caffe_value if transform is None else \
+                caffe_value / transform[1] + _broadcast_mean(transform[0], caffe_value)
         else:
             sample_shape = (batch_size, *shape[1:])
             if transform is not None:
@@ -519,7 +605,8 @@ def parity_report(prototxt=None, caffemodel=None, reference: str = "opencv", *, 
         elif is_input:
             continue
         rows.append(_compare(layer.name, name, keras_values[blob_id], ref, atol, rtol, note))
-    return ParityReport(reference_name, rows, atol, rtol, skipped, batch_size=next(iter(caffe_inputs.values())).shape[0])
+    batch = next(iter(caffe_inputs.values())).shape[0]
+    return ParityReport(reference_name, rows, atol, rtol, skipped, batch_size=batch)
 
 
 def _broadcast_mean(means: np.ndarray, like: np.ndarray) -> np.ndarray:

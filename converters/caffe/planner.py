@@ -59,12 +59,9 @@ class Plan:
     source: str = ""
     source_format: str = "V2"
     caffemodel: str | None = None
-
-    def producer(self, blob_id: str) -> PlannedLayer | None:
-        for layer in self.layers:
-            if blob_id in layer.tops:
-                return layer
-        return None
+    #: Caffe layer name -> the blob shapes the prototxt implies for it, for every layer with blobs, fused
+    #: members (e.g. an AM-Softmax head's Scale) included: what a caffemodel for this net holds.
+    layer_weight_shapes: dict[str, list[tuple]] = field(default_factory=dict)
 
     def final_blob_ids(self) -> dict[str, str]:
         """Caffe blob name -> id of its last version (what Caffe's ``net.blobs[name]`` holds after forward)."""
@@ -202,6 +199,7 @@ def plan_net(net: CaffeNet, caffemodel: Caffemodel | None = None, phase: str = "
         layer.attrs["input_shapes"] = overrides
 
     _infer_shapes(planned, plan)
+    plan.layer_weight_shapes = {layer.name: list(layer.weight_shapes) for layer in planned if layer.weight_shapes}
     _check_weights(planned, caffemodel, plan)
     planned = _fuse_heads(planned, caffemodel, plan)
     plan.layers = planned

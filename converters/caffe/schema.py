@@ -1,8 +1,11 @@
 """Read stage, part 1: our own protobuf schema for the subset of caffe.proto the converter needs.
 
 It owns the message classes (``NetParameter``, ``LayerParameter``, ``V1LayerParameter``, ``BlobProto``...),
-built at import time from descriptors, with the field numbers of BVLC caffe.proto plus the happynear
-fork (AM-Softmax, NormFace) fields; see /work/shared/research/caffe_format.md sections 1-6.
+built at import time from descriptors, with the field numbers of BVLC caffe.proto
+(https://github.com/BVLC/caffe, ``src/caffe/proto/caffe.proto``) plus the fields of the happynear fork used by
+AM-Softmax and NormFace (https://github.com/happynear/caffe-windows, branch ``ms``,
+``src/caffe/proto/caffe.proto``) and SphereFace's ``MarginInnerProduct``
+(https://github.com/wy1iu/sphereface, ``tools/caffe-sphereface/src/caffe/proto/caffe.proto``).
 
 Why descriptors built at import (``descriptor_pb2`` + ``message_factory``) rather than checked-in
 ``*_pb2.py`` code: generated code is tied to the protoc version that wrote it (protobuf 4, 5, 6 and 7
@@ -10,7 +13,7 @@ each refuse or warn on code from a much older or newer gencode), so a checked-in
 runtime the package can use; descriptors built here work with every runtime the package allows
 (protobuf >= 4.25), need no protoc, and the schema stays one readable table in this file.
 
-Field numbers that differ between forks (caffe_format.md section 2.3):
+Field numbers that differ between those caffe.proto files:
 
 - ``margin_inner_product_param`` is 232 (happynear) here; SphereFace's fork uses 147, which BVLC uses for
   ``swish_param``. Text prototxts name fields, so both parse; layer hyper-parameters are never read from
@@ -460,7 +463,7 @@ _MESSAGES: dict[str, str] = {
         optional FillerParameter bias_filler = 8
         optional Engine engine = 15 [default=DEFAULT]
     """,
-    # happynear/caffe-windows (AM-Softmax, NormFace) and SphereFace layers: caffe_format.md 5-6.
+    # happynear/caffe-windows (AM-Softmax, NormFace) and SphereFace layers: their forks' caffe.proto.
     "FlipParameter": """
         optional bool flip_width = 1 [default=true]
         optional bool flip_height = 2 [default=false]

@@ -6,7 +6,6 @@ as NHWC, every other rank in Caffe's own order (see ``keras_axis``).
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 __all__ = [
@@ -96,13 +95,3 @@ def ave_pool_divisors(size: int, kernel: int, stride: int, pad: int, out: int) -
         divisors.append(end - start)
     return divisors
 
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def prod_or_none(dims: Sequence) -> int | None:
-    """Product of ``dims``, or None when one of them is unknown."""
-    if any(dim is None for dim in dims):
-        return None
-    return math.prod(int(dim) for dim in dims)
