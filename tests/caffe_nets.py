@@ -1,19 +1,39 @@
 """Test fixtures for the Caffe importer: programmatic prototxts, seeded caffemodel weights, NumPy references.
 
 The Face-ResNet-20 generator writes the AM-Softmax network (happynear/AMSoftmax ``face_deploy_mirror_normalize``
-and ``face_train_test``) with the same layer names and shapes, so the suite never needs ../shared; the NumPy
+and ``face_train_test``) with the same layer names and shapes, so the suite never needs the shared folder (the
+published prototxts, at ``$KERAS_MARGIN_SHARED``, default ``shared/`` beside the repository); the NumPy
 functions restate Caffe's C++ semantics (pooling_layer.cpp, conv_layer.cpp) independently of the converter.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+#: The environment variable that points the tests at the shared folder (published Caffe prototxts).
+SHARED_ENV = "KERAS_MARGIN_SHARED"
+HOW_TO_PROVIDE_SHARED = f"set {SHARED_ENV}=/path/to/shared or put shared/ beside the repository"
+
+
+def shared_dir() -> Path:
+    """``$KERAS_MARGIN_SHARED`` if set, else ``shared/`` beside the repository (../shared from its root)."""
+    configured = os.environ.get(SHARED_ENV)
+    if configured:
+        return Path(configured).expanduser().resolve()
+    return Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def shared_missing(path: Path, what: str) -> str:
+    """The skip reason of a test whose ``what`` is not at ``path``."""
+    return f"{what} not found at {path}: {HOW_TO_PROVIDE_SHARED}"
+
+
+SHARED = shared_dir()
 AMSOFTMAX_DIR = SHARED / "caffe" / "amsoftmax"
-SHARED_MISSING = f"the real AM-Softmax prototxts are not at {AMSOFTMAX_DIR} (../shared beside the repository)"
+SHARED_MISSING = shared_missing(AMSOFTMAX_DIR, "the published AM-Softmax prototxts")
 
 # (stage, channels of the stage, residual units): conv{s}_1 (stride 2) then 2 convs per unit.
 FACE_RESNET20_STAGES = ((1, 1), (2, 2), (3, 4), (4, 1))
@@ -93,7 +113,8 @@ def face_resnet20_prototxt(kind: str = "deploy", widths=(64, 128, 256, 512), emb
 layer {{
   name: "fc6_l2" type: "InnerProduct" bottom: "norm1" top: "fc6"
   param {{ lr_mult: 1 }}
-  inner_product_param {{ num_output: {num_classes} normalize: true weight_filler {{ type: "xavier" }} bias_term: false }}
+  inner_product_param {{ num_output: {num_classes} normalize: true weight_filler {{ type: "xavier" }}
+                         bias_term: false }}
 }}
 layer {{
   name: "label_specific_margin" type: "LabelSpecificAdd" bottom: "fc6" bottom: "label" top: "fc6_margin"
@@ -223,7 +244,8 @@ def opencv_forward(prototxt: str | Path, caffemodel: str | Path, feeds: dict, ou
     """OpenCV's own Caffe importer on the files (an independent reference), fusion off, CPU backend."""
     import cv2
 
-    net = cv2.dnn.readNetFromCaffe(str(prototxt), str(caffemodel)) if caffemodel else cv2.dnn.readNetFromCaffe(str(prototxt))
+    net = (cv2.dnn.readNetFromCaffe(str(prototxt), str(caffemodel)) if caffemodel
+           else cv2.dnn.readNetFromCaffe(str(prototxt)))
     net.enableFusion(False)
     net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
     for name, value in feeds.items():

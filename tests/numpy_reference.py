@@ -3,13 +3,26 @@
 Owns cosines, target logits, softmax cross-entropy, reductions, NormFace's bound on s and finite
 differences; it imports nothing from keras_margin, so the tests compare two independent computations.
 
-Sources (see shared/research/losses.md): NormFace (arXiv 1704.06369), SphereFace (1704.08063),
-AM-Softmax (1801.05599), ArcFace and InsightFace's combined margin (1801.07698), X2-Softmax (2312.05281).
+Sources, the papers and the authors' released code:
+
+- NormFace: F. Wang, X. Xiang, J. Cheng, A. L. Yuille, "NormFace: L2 Hypersphere Embedding for Face
+  Verification", ACM MM 2017, arXiv 1704.06369 (Eq. 6); code github.com/happynear/NormFace.
+- SphereFace: W. Liu, Y. Wen, Z. Yu, M. Li, B. Raj, L. Song, "SphereFace: Deep Hypersphere Embedding for Face
+  Recognition", CVPR 2017, arXiv 1704.08063 (Eq. 7); code github.com/wy1iu/sphereface
+  (``margin_inner_product_layer.cpp``: psi, lambda annealing).
+- AM-Softmax: F. Wang, J. Cheng, W. Liu, H. Liu, "Additive Margin Softmax for Face Verification", IEEE SPL 2018,
+  arXiv 1801.05599 (Eq. 4); code github.com/happynear/AMSoftmax. Equal to CosFace's LMCL (H. Wang et al.,
+  CVPR 2018, arXiv 1801.09414).
+- ArcFace and the combined margin: J. Deng, J. Guo, N. Xue, S. Zafeiriou, "ArcFace: Additive Angular Margin Loss
+  for Deep Face Recognition", CVPR 2019, arXiv 1801.07698 (Eqs. 3-4); code github.com/deepinsight/insightface
+  (``recognition/arcface_torch/losses.py``: ArcFace and CombinedMarginLoss).
+- X2-Softmax: J. Xu, X. Liu, X. Zhang, Y.-W. Si, X. Li, Z. Shi, K. Wang, X. Gong, "X2-Softmax: Margin Adaptive
+  Loss Function for Face Recognition", arXiv 2312.05281 (Eq. 8), and the authors' PyTorch release with it.
 """
 
 import numpy as np
 
-#: The clamp the fact sheet asks for before any arccos: cos is kept in [-1 + eps, 1 - eps].
+#: The clamp before any arccos (d arccos(t)/dt is unbounded at +-1): cos is kept in [-1 + eps, 1 - eps].
 CLAMP_EPS = 1e-7
 
 
@@ -35,7 +48,7 @@ def clamp_bounds(eps=CLAMP_EPS):
 
 
 def angle(cos, eps=CLAMP_EPS):
-    """theta = arccos(cos) after the fact sheet's clamp (used by every objective written in theta)."""
+    """theta = arccos(cos) after the clamp above (used by every objective written in theta)."""
     lo, hi = clamp_bounds(eps)
     return np.arccos(np.clip(np.asarray(cos, dtype=np.float64), lo, hi))
 

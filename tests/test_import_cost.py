@@ -1,29 +1,8 @@
-"""Every docstring example in ``keras_margin.export`` runs; the subcommand modules import neither TensorFlow
-nor Keras until they run, so ``keras-margin --version`` does not pay for them.
-"""
+"""The subcommand modules import neither TensorFlow nor Keras until they run, so ``keras-margin --version``
+does not pay for them."""
 
-import doctest
 import subprocess
 import sys
-
-import pytest
-
-import keras_margin_cli.export
-import keras_margin.export.embedding
-import keras_margin.export.loading
-import keras_margin.export.onnx_export
-import keras_margin.export.parity
-import keras_margin.export.tflite_export
-
-MODULES = [keras_margin_cli.export, keras_margin.export.embedding, keras_margin.export.loading,
-           keras_margin.export.onnx_export, keras_margin.export.parity, keras_margin.export.tflite_export]
-
-
-@pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)
-def test_docstring_examples_run(module):
-    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted > 0
-    assert result.failed == 0
 
 
 def test_subcommand_modules_do_not_import_tensorflow_or_keras():

@@ -1,0 +1,70 @@
+"""tests/harness.py's ``run_head_test`` on every head that keras_margin.layers exports, in every call form.
+
+The heads are discovered from ``keras_margin.layers.__all__`` (every ``MarginHead`` subclass), so a new head is
+covered as soon as it is exported; ``HEAD_CASES`` only adds constructor variants and weight counts.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+
+import keras_margin.layers
+from keras_margin import losses
+from keras_margin.layers import CosineDense, MarginHead
+from tests.harness import FORMS, run_head_test
+
+pytestmark = pytest.mark.backend_agnostic
+
+NUM_CLASSES = 10
+
+#: Per head: (id suffix, constructor kwargs, trainable weights, non-trainable weights, forms without a fit step).
+#: A head missing here runs with no extra kwargs and its weight counts unchecked.
+HEAD_CASES = {
+    "NormFaceHead": [("", {}, 1, 0, ()), ("learn_scale", {"learn_scale": True, "s": 16.0}, 2, 0, ("cosine",))],
+    "SphereFaceHead": [("", {}, 1, 1, ()), ("m2", {"m": 2, "base": 10.0}, 1, 1, ())],
+    "AMSoftmaxHead": [("", {}, 1, 0, ())],
+    "X2SoftmaxHead": [("", {}, 1, 0, ())],
+    "ArcFaceHead": [("", {}, 1, 0, ())],
+}
+
+
+def exported_heads():
+    heads = []
+    for name in keras_margin.layers.__all__:
+        obj = getattr(keras_margin.layers, name)
+        if isinstance(obj, type) and issubclass(obj, MarginHead) and obj is not MarginHead:
+            heads.append(obj)
+    return heads
+
+
+def _cases():
+    cases = []
+    for cls in exported_heads():
+        for suffix, kwargs, trainable, non_trainable, untrainable in HEAD_CASES.get(
+                cls.__name__, [("", {}, None, None, ())]):
+            case_id = cls.__name__ + (f"-{suffix}" if suffix else "")
+            for form in FORMS:
+                cases.append(pytest.param(cls, kwargs, trainable, non_trainable, untrainable, form,
+                                          id=f"{case_id}-{form}"))
+    return cases
+
+
+def test_every_exported_head_is_discovered():
+    names = {cls.__name__ for cls in exported_heads()}
+    assert {"NormFaceHead", "SphereFaceHead", "AMSoftmaxHead", "X2SoftmaxHead", "ArcFaceHead"} <= names
+    assert set(HEAD_CASES) <= names, "HEAD_CASES names a head that keras_margin.layers no longer exports"
+
+
+@pytest.mark.parametrize("cls, kwargs, trainable, non_trainable, untrainable, form", _cases())
+def test_head(cls, kwargs, trainable, non_trainable, untrainable, form):
+    run_head_test(functools.partial(cls, NUM_CLASSES, **kwargs), forms=[form],
+                  expected_num_trainable_weights=trainable, expected_num_non_trainable_weights=non_trainable,
+                  untrainable_forms=untrainable)
+
+
+def test_cosine_dense():
+    # The base layer has only the cosine form; any cosine loss trains it.
+    run_head_test(functools.partial(CosineDense, NUM_CLASSES), forms=["cosine"], expected_num_trainable_weights=1,
+                  expected_num_non_trainable_weights=0, cosine_loss=losses.NormFaceLoss())
