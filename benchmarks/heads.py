@@ -68,7 +68,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Forward+backward time of each margin head + loss relative to the bare matmul floor.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=f"Breakdown stages (--breakdown):\n" + "\n".join(f"  {k:<9} {v}" for k, v in STAGES.items()),
+        epilog="Breakdown stages (--breakdown):\n" + "\n".join(f"  {k:<9} {v}" for k, v in STAGES.items()),
     )
     parser.add_argument("--backend", choices=["tensorflow", "jax"],
                         default=os.environ.get("KERAS_BACKEND", "tensorflow"),
@@ -240,7 +240,8 @@ def _build_step(config, objective: str, arrays: dict, device_arrays: dict):
         contract_b = (((0,), (0,)), ((), ()))  # X (B, d) . dZ (B, C) over B -> (d, C)
 
         def step(x, w, dz):
-            return lax.dot_general(x, w, forward), lax.dot_general(dz, w, contract_c), lax.dot_general(x, dz, contract_b)
+            return (lax.dot_general(x, w, forward), lax.dot_general(dz, w, contract_c),
+                    lax.dot_general(x, dz, contract_b))
     else:
         step = jax.value_and_grad(loss_fn, argnums=(0, 1))
     fn = jax.jit(step) if jit else step
@@ -344,7 +345,7 @@ def _run_isolated(config, isolation: str) -> dict:
         env = {**os.environ, "KERAS_BACKEND": config["backend"], "TF_CPP_MIN_LOG_LEVEL": "2"}
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(config)],
                               capture_output=True, text=True, env=env)
-        lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
         if proc.returncode != 0 or not lines:
             return {**config, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
         return json.loads(lines[-1])
@@ -404,7 +405,8 @@ def print_tables(results: list[dict], args, wall_s: float, load: tuple[float, fl
     print(f"d={args.dim}, float32, one training step: forward + backward w.r.t. embeddings and kernel. Median of "
           f"{reps} timed calls per configuration, after {args.warmup} compiling warm-up call(s) and the call that "
           "measures memory" + (" (default repetitions, reduced to fit ~10 min per backend on 2 cores)"
-                               if args.reps is None else "") + ". Heads at their face defaults: normface s=30; sphereface m=4, "
+                               if args.reps is None else "")
+          + ". Heads at their face defaults: normface s=30; sphereface m=4, "
           "lambda=5, s=30 (cosine path); amsoftmax s=30 m=0.35; x2softmax s=64 a=-0.9 h=0 k=0.65; arcface s=64 m=0.5.")
     print("floor ms: X@W (B,d)x(d,C), dZ@W^T, X^T@dZ, timed in the same child process as the head, its calls "
           "alternating with the head's; ratio = median over the (floor, head) call pairs of head time / floor "

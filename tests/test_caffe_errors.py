@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import os
 
+import keras
 import numpy as np
 import pytest
 
-import keras
-from tests.caffe_nets import write_net
 from converters.caffe import Built, ConversionError, Handler, convert, read_caffemodel, register, write_caffemodel
 from converters.caffe.reader import MAX_CAFFEMODEL_BYTES, parse_prototxt
 from converters.caffe.registry import unregister
+from tests.caffe_nets import write_net
 
 CONV_NET = """input: "data" input_shape { dim: 1 dim: 3 dim: 8 dim: 8 }
 layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"

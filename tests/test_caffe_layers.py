@@ -7,12 +7,21 @@ the stride-2 padding of convolutions (P1), the NCHW flattening before InnerProdu
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
 
-import keras
-from tests.caffe_nets import caffe_conv, caffe_pool, keras_outputs, l2_normalize_rows, nchw, nhwc, opencv_forward, write_net
 from converters.caffe import convert
+from tests.caffe_nets import (
+    caffe_conv,
+    caffe_pool,
+    keras_outputs,
+    l2_normalize_rows,
+    nchw,
+    nhwc,
+    opencv_forward,
+    write_net,
+)
 
 RNG = np.random.default_rng(1234)
 

@@ -8,11 +8,19 @@ import warnings
 import numpy as np
 import pytest
 
-from tests.caffe_nets import AMSOFTMAX_DIR, SHARED_MISSING, keras_outputs, opencv_forward, write_net
-from converters.caffe import CaffeWarning, ConversionError, convert, read_caffemodel, read_prototxt, schema, write_caffemodel
+from converters.caffe import (
+    CaffeWarning,
+    ConversionError,
+    convert,
+    read_caffemodel,
+    read_prototxt,
+    schema,
+    write_caffemodel,
+)
 from converters.caffe.builder import load_caffe_model
 from converters.caffe.planner import plan_net
 from converters.caffe.reader import parse_prototxt
+from tests.caffe_nets import AMSOFTMAX_DIR, SHARED_MISSING, keras_outputs, opencv_forward, write_net
 
 # Field numbers from caffe_format.md (BVLC caffe.proto, happynear's fork): the wire format must match them.
 FIELD_NUMBERS = {

@@ -7,8 +7,8 @@ so a converted ``.keras`` file reloads once ``converters.caffe`` is imported.
 
 from __future__ import annotations
 
-import numpy as np
 import keras
+import numpy as np
 from keras import ops
 
 from converters.caffe.shapes import ave_pool_divisors, pool_output_size

@@ -16,6 +16,7 @@ import io
 import math
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -358,7 +359,8 @@ class Caffemodel:
         self.size = size
         self.source_format = source_format
         self._by_name = {layer.name: layer for layer in layers}
-        self.duplicate_names = sorted({layer.name for layer in layers if sum(l.name == layer.name for l in layers) > 1})
+        counts = Counter(layer.name for layer in layers)
+        self.duplicate_names = sorted(name for name, count in counts.items() if count > 1)
 
     def __contains__(self, name: str) -> bool:
         return name in self._by_name

@@ -93,7 +93,8 @@ def upgrade_net(net: Message, path: str = "<net>") -> Message:
         has_shape, has_dim = len(net.input_shape) > 0, len(net.input_dim) > 0
         if has_shape and len(net.input_shape) != len(net.input):
             raise ConversionError(
-                f"{path}: {len(net.input)} net inputs but {len(net.input_shape)} input_shape entries; give one per input"
+                f"{path}: {len(net.input)} net inputs but {len(net.input_shape)} input_shape entries; "
+                "give one per input"
             )
         if has_dim and len(net.input_dim) != 4 * len(net.input):
             raise ConversionError(
