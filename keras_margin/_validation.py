@@ -1,7 +1,11 @@
 """Argument, shape and label checks shared by every head and loss: clear ValueErrors, never a TF stack trace.
 
-Checks on values (class ids in range, finite features) run only where the values are concrete (eager
-execution, NumPy input); inside a compiled step the core marks such rows with NaN instead.
+Checks on values (class ids in range, finite features) run where the values are concrete (eager execution,
+NumPy input, JAX outside ``jit``). Class ids are also checked inside a TensorFlow graph (``tf.function``
+without XLA, what ``model.fit`` runs on a CPU-only TensorFlow) by a ``tf.debugging.Assert`` with the same
+message: this module is the only one with backend-specific code. Under XLA (``jit_compile=True``, JAX's
+``jit``) nothing can raise, and the core marks such rows with NaN instead
+(``keras_margin.callbacks.NaNLossDiagnosis`` then names the batch).
 """
 
 from __future__ import annotations
@@ -12,23 +16,47 @@ from typing import Any
 import numpy as np
 from keras import backend
 
+#: Largest finite float32: the heads and losses compute in float32, so a hyper-parameter beyond it is inf there.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 
 def check_number(owner: str, name: str, value: Any, *, low: float | None = None, high: float | None = None,
                  low_open: bool = False, high_open: bool = False) -> float:
-    """Return ``value`` as a float after checking it is a finite number inside the given interval."""
+    """Return ``value`` as a float after checking it is a finite number, also in float32, inside an interval.
+
+    Example:
+    >>> check_number("AMSoftmaxLoss", "s", 1e39, low=0.0, low_open=True)
+    Traceback (most recent call last):
+    ...
+    ValueError: AMSoftmaxLoss: `s` must be a finite number in (0.0, inf) that float32 can hold ...
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
         raise ValueError(f"{owner}: `{name}` must be a number; got {value!r} of type {type(value).__name__}.")
     value = float(value)
-    bad = not math.isfinite(value)
+    # Finite in float64 is not enough: the computation is float32, where 1e39 is already inf.
+    bad = not math.isfinite(value) or abs(value) > FLOAT32_MAX
     if low is not None:
         bad = bad or (value <= low if low_open else value < low)
     if high is not None:
         bad = bad or (value >= high if high_open else value > high)
     if bad:
-        left = "(" if low_open else "["
-        right = ")" if high_open else "]"
+        left = "(" if low_open or low is None else "["
+        right = ")" if high_open or high is None else "]"
         interval = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
-        raise ValueError(f"{owner}: `{name}` must be a finite number in {interval}; got {value!r}.")
+        raise ValueError(f"{owner}: `{name}` must be a finite number in {interval} that float32 can hold "
+                         f"(|{name}| <= {FLOAT32_MAX:.4g}); got {value!r}.")
+    return value
+
+
+def check_scale(owner: str, s: Any) -> float:
+    """The scale ``s`` of every objective: a finite number > 0."""
+    return check_number(owner, "s", s, low=0.0, low_open=True)
+
+
+def check_bool(owner: str, name: str, value: Any) -> bool:
+    """``value`` must be a bool (not 0/1, not a string)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{owner}: `{name}` must be a bool; got {value!r}.")
     return value
 
 
@@ -80,18 +108,67 @@ def label_kind(owner: str, labels: Any, num_classes: int, check_dtype: bool = Tr
     return kind
 
 
-def check_class_ids(owner: str, sparse_labels: Any, num_classes: int) -> None:
-    """Raise when concrete class ids fall outside [0, num_classes)."""
+def class_id_message(owner: str, num_classes: int) -> str:
+    """The start of the out-of-range message, the same eagerly and in a TensorFlow graph."""
+    return f"{owner}: class ids must be in [0, {num_classes}); got"
+
+
+def check_class_ids(owner: str, sparse_labels: Any, num_classes: int):
+    """Raise when class ids fall outside [0, num_classes); return the ids (to compute the loss from).
+
+    Concrete ids (eager, NumPy, JAX outside ``jit``) raise a ``ValueError`` here. In a TensorFlow graph
+    without XLA the returned ids depend on a ``tf.debugging.Assert`` with the same message, which raises
+    ``tf.errors.InvalidArgumentError`` when the step runs, before anything is computed from them. Under XLA
+    (and for Keras' symbolic tensors) the ids come back unchanged; the core turns their rows into NaN.
+    """
     value = concrete_value(sparse_labels)
-    if value is None or value.size == 0:
-        return
+    if value is None:
+        if backend.backend() == "tensorflow" and not backend.is_keras_tensor(sparse_labels):
+            return _tf_graph_check_class_ids(owner, sparse_labels, num_classes)
+        return sparse_labels
+    if value.size == 0:
+        return sparse_labels
     bad = (value < 0) | (value >= num_classes)
     if np.any(bad):
         examples = sorted({int(v) for v in np.ravel(value)[np.ravel(bad)]})[:5]
         raise ValueError(
-            f"{owner}: class ids must be in [0, {num_classes}); got {examples} "
+            f"{class_id_message(owner, num_classes)} {examples} "
             f"({int(np.sum(bad))} of {value.size} labels out of range)."
         )
+    return sparse_labels
+
+
+def _tf_graph_check_class_ids(owner: str, ids, num_classes: int):
+    """TensorFlow graph mode: the ids behind a ``tf.debugging.Assert`` (nothing added under XLA, where TF
+    compiles Assert to a no-op)."""
+    import tensorflow as tf
+
+    from keras_margin import _keras_private
+
+    if tf.executing_eagerly() or _keras_private.in_symbolic_scope() or _in_tf_xla_context():
+        return ids
+    ids = tf.convert_to_tensor(ids)
+    bad = tf.logical_or(ids < 0, ids >= num_classes)
+    check = tf.debugging.Assert(
+        tf.logical_not(tf.reduce_any(bad)),
+        [class_id_message(owner, num_classes), tf.boolean_mask(ids, bad),
+         "(out-of-range ids, first 5 shown; count:", tf.reduce_sum(tf.cast(bad, "int32")), "of",
+         tf.size(ids), "labels)."],
+        summarize=5,
+    )
+    with tf.control_dependencies([check]):
+        return tf.identity(ids)
+
+
+def _in_tf_xla_context() -> bool:
+    """Whether the graph being built is compiled by XLA (``tf.function(jit_compile=True)``)."""
+    import tensorflow as tf
+
+    try:
+        from tensorflow.python.ops import control_flow_util
+    except ImportError:  # pragma: no cover - a TensorFlow without the module: assume XLA, add nothing
+        return True
+    return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
 
 
 def check_embeddings(owner: str, x: Any) -> None:

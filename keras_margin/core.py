@@ -54,7 +54,7 @@ def sparse_labels(owner: str, labels, num_classes: int):
         ids = ops.argmax(labels, axis=-1)
     else:
         ids = ops.reshape(labels, (-1,))
-        _validation.check_class_ids(owner, ids, num_classes)
+        ids = _validation.check_class_ids(owner, ids, num_classes)
     return ops.cast(ids, "int32")
 
 
@@ -67,7 +67,7 @@ def margin_logits(cos_theta, class_ids, target: TargetFn, scale):
     z_y = scale * target(cos_theta_y)
     ```
     ``scale`` is a float, a scalar tensor or a (batch, 1) tensor (SphereFace's |x|). Rows whose class id
-    is outside [0, C) (possible only inside a compiled step, where ids cannot be checked) become NaN,
+    is outside [0, C) (possible only under XLA, where no check can raise: see ``_validation``) become NaN,
     so a bad label can never produce a plausible loss.
     """
     z, _, valid = _logits_and_target(cos_theta, class_ids, target, scale)

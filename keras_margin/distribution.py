@@ -23,12 +23,13 @@ import re
 
 import keras
 
+from keras_margin import _keras_private
 from keras_margin.layers import MarginHead
 
 
 def margin_heads(model) -> list[MarginHead]:
     """Every ``MarginHead`` in ``model`` (nested models included), in layer order."""
-    return [layer for layer in model._flatten_layers(include_self=True) if isinstance(layer, MarginHead)]
+    return [layer for layer in _keras_private.flatten_layers(model, include_self=True) if isinstance(layer, MarginHead)]
 
 
 def head_layout_map(model, mesh, *, class_axis: str = "model", layout_map=None):

@@ -7,22 +7,24 @@ with ``fused_loss=True``, adds and returns its own (optionally chunked or class-
 
 from __future__ import annotations
 
-import math
 import keras
 from keras import initializers, ops
 
 from keras_margin import _validation, chunked, losses, sampling
 from keras_margin.core import cosine_matrix, margin_logits, sparse_labels
 from keras_margin.margins import (
+    amsoftmax,
     amsoftmax_target,
+    arcface,
     arcface_target,
+    normface,
     normface_target,
+    sphereface,
     sphereface_lambda,
     sphereface_target,
+    x2softmax,
     x2softmax_target,
 )
-from keras_margin.margins.x2softmax import check_x2softmax_parameters
-from keras_margin.margins.sphereface import SUPPORTED_M
 
 __all__ = [
     "CosineDense",
@@ -35,6 +37,62 @@ __all__ = [
 ]
 
 
+_KERNEL_ARGS = """\
+        kernel_initializer: Initializer for the kernel `(embedding_dim, num_classes)`, as for
+            `keras.layers.Dense`. Defaults to `"glorot_uniform"`.
+        kernel_regularizer: Regularizer function applied to the kernel. Defaults to `None`.
+        kernel_constraint: Constraint function applied to the kernel. Defaults to `None`."""
+
+# The options every margin head takes (MarginHead's), documented once and shown in each head's help().
+_HEAD_ARGS = """\
+        fused_loss: Boolean. When True, `head([x, labels], training=...)` computes the loss itself:
+            it returns the per-sample loss `(batch,)` and adds its batch mean with `add_loss` (compile
+            with `loss=None`), so very many classes fit in memory. Defaults to `False`.
+        chunk_size: Integer or `None`. With `fused_loss=True`, compute the exact loss over chunks of
+            `chunk_size` classes (running log-sum-exp, recomputing backward pass), so the
+            `(batch, num_classes)` logits never exist; the memory bound needs XLA (JAX, or
+            `jit_compile=True` on TensorFlow). `None`: no chunking. Defaults to `None`.
+        sample_rate: Float in (0, 1]. With `fused_loss=True` and < 1: Partial FC (InsightFace); each
+            training step keeps the batch's classes plus a uniform random subset of the others,
+            `max(ceil(sample_rate * num_classes), batch)` classes in all (an approximation of the loss;
+            evaluation uses every class). Defaults to `1.0` (all classes).
+{{kernel_args}}
+        **kwargs: Base layer keyword arguments, such as `name` and `dtype`."""
+
+_CALL_FORMS = """\
+    Call arguments:
+        inputs: The embeddings `x` alone, or the list `[x, labels]` with labels as integer class ids
+            `(batch,)` / `(batch, 1)` or one-hot `(batch, num_classes)`.
+        training: Boolean; with `[x, labels]`, whether to apply the margin. Defaults to `None` (no margin).
+
+    Call forms:
+        - `head(x)`: cos(theta); compile with `loss=head.loss` (the matching cosine-path loss).
+        - `head([x, labels], training=True)`: margin logits, for
+          `keras.losses.SparseCategoricalCrossentropy(from_logits=True)`; `training` False or `None`
+          gives the same logits without the margin.
+        - With `fused_loss=True`, `head([x, labels], training=...)`: the per-sample loss, also added
+          with `add_loss` (margin only when `training` is True); `head(x)` still gives the cosines.
+
+    Input shape:
+        - `head(x)`: 2D tensor `(batch_size, embedding_dim)`.
+        - `head([x, labels])`: `[(batch_size, embedding_dim), (batch_size,)]` (labels may also be
+          `(batch_size, 1)` or one-hot `(batch_size, num_classes)`).
+
+    Output shape:
+        - `head(x)`: `(batch_size, num_classes)`, float32 cosines.
+        - `head([x, labels])`: `(batch_size, num_classes)`, float32 logits.
+        - `head([x, labels])` with `fused_loss=True`: `(batch_size,)`, float32 per-sample loss."""
+
+
+def _document_head(cls):
+    """Fill a head's ``{{head_args}}``/``{{call_forms}}`` placeholders with MarginHead's shared sections."""
+    doc = cls.__doc__
+    doc = doc.replace("{{head_args}}", _HEAD_ARGS).replace("{{call_forms}}", _CALL_FORMS)
+    cls.__doc__ = doc.replace("{{kernel_args}}", _KERNEL_ARGS)
+    return cls
+
+
+@_document_head
 @keras.saving.register_keras_serializable(package="keras_margin")
 class CosineDense(keras.layers.Layer):
     """Dense layer without bias whose output is the cosine between the input and each class weight.
@@ -47,15 +105,23 @@ class CosineDense(keras.layers.Layer):
     and the output are float32, so margins and the softmax downstream stay in float32.
 
     Args:
-        units: number of classes (columns of the kernel), >= 1.
-        kernel_initializer, kernel_regularizer, kernel_constraint: as for ``keras.layers.Dense``.
+        units: Integer, the number of classes (columns of the kernel), >= 1.
+{{kernel_args}}
+        **kwargs: Base layer keyword arguments, such as `name` and `dtype`.
+
+    Input shape:
+        2D tensor `(batch_size, embedding_dim)`: the embeddings.
+
+    Output shape:
+        2D tensor `(batch_size, units)`, float32: the cosines.
 
     Example:
     >>> import numpy as np, keras
-    >>> layer = CosineDense(4)
-    >>> cos = layer(np.random.rand(2, 8).astype("float32"))
-    >>> tuple(cos.shape)
-    (2, 4)
+    >>> layer = CosineDense(3, kernel_initializer="identity")
+    >>> cos = layer(np.array([[2.0, 0.0, 0.0], [1.0, 1.0, 0.0]], "float32"))
+    >>> np.round(keras.ops.convert_to_numpy(cos), 4)
+    array([[1.    , 0.    , 0.    ],
+           [0.7071, 0.7071, 0.    ]], dtype=float32)
     """
 
     def __init__(self, units: int, kernel_initializer="glorot_uniform", kernel_regularizer=None,
@@ -113,19 +179,16 @@ class CosineDense(keras.layers.Layer):
         return config
 
 
+@_document_head
 class MarginHead(CosineDense):
     """Base of the margin heads: cosine output, label-aware margin logits and a matching ``loss``.
 
     Subclasses implement ``target(cos_theta_y)`` (the objective's modified target cosine) and
-    ``make_loss()``; SphereFace also overrides the scale (|x| instead of s).
+    ``make_loss()``; SphereFace also overrides the scale (|x| instead of s). Every head takes the
+    options below (`fused_loss`, `chunk_size`, `sample_rate`, the kernel arguments); each head's own
+    docstring repeats them, so ``help(AMSoftmaxHead)`` shows them.
 
-    Call forms:
-    - ``head(x)``: cos(theta), shape (batch, num_classes), float32: compile with ``loss=head.loss``.
-    - ``head([x, labels], training=True)``: margin logits for
-      ``keras.losses.SparseCategoricalCrossentropy(from_logits=True)``.
-    - ``head([x, labels])`` at inference (training False/None): the same logits without the margin.
-
-    Fused loss, for very many classes (``fused_loss=True``; every head takes these options):
+    Fused loss, for very many classes (``fused_loss=True``):
     - ``head([x, labels], training=...)`` returns the per-sample loss, shape (batch,), float32, and adds
       its batch mean with ``self.add_loss``: build a functional model on ``[inputs, labels]`` and compile
       with ``loss=None`` (a Sequential model cannot pass labels to a layer, so it keeps ``head.loss``).
@@ -148,6 +211,13 @@ class MarginHead(CosineDense):
     loss = log(exp(lse_other) + exp(z_y)) - z_y
     ```
 
+    Args:
+        num_classes: Integer, the number of classes, >= 2.
+        s: Float, the scale turning cosines into logits, > 0 (each head's default is its objective's).
+{{head_args}}
+
+{{call_forms}}
+
     Example:
     >>> import numpy as np, keras
     >>> embeddings, labels = keras.Input((8,)), keras.Input((), dtype="int32")
@@ -156,17 +226,17 @@ class MarginHead(CosineDense):
     >>> model.compile("sgd", loss=None, jit_compile=True)
     >>> x, y = np.random.rand(32, 8).astype("float32"), np.arange(32)
     >>> history = model.fit([x, y], epochs=1, batch_size=16, verbose=0)
+    >>> bool(np.isfinite(history.history["loss"][0]))
+    True
     """
 
-    def __init__(self, num_classes: int, s: float = 30.0, chunk_size: int | None = None,
+    def __init__(self, num_classes: int, s: float, chunk_size: int | None = None,
                  sample_rate: float = 1.0, fused_loss: bool = False, **kwargs):
         owner = type(self).__name__
         num_classes = _validation.check_count(owner, "num_classes", num_classes, minimum=2)
         super().__init__(num_classes, **kwargs)
-        self.s = _validation.check_number(owner, "s", s, low=0.0, low_open=True)
-        if not isinstance(fused_loss, bool):
-            raise ValueError(f"{owner}: `fused_loss` must be a bool; got {fused_loss!r}.")
-        self.fused_loss = fused_loss
+        self.s = _validation.check_scale(owner, s)
+        self.fused_loss = _validation.check_bool(owner, "fused_loss", fused_loss)
         self.chunk_size = (None if chunk_size is None
                            else _validation.check_count(owner, "chunk_size", chunk_size, minimum=1))
         self.sample_rate = sampling.check_sample_rate(owner, sample_rate)
@@ -257,6 +327,7 @@ class MarginHead(CosineDense):
         return config
 
 
+@_document_head
 @keras.saving.register_keras_serializable(package="keras_margin")
 class NormFaceHead(MarginHead):
     """NormFace normalized-softmax head (Wang et al. 2017, arXiv 1704.06369, Eq. 6).
@@ -265,24 +336,38 @@ class NormFaceHead(MarginHead):
     ```
     z_j = s * cos(theta_j)    for all j (no margin); s fixed or learned (learn_scale=True)
     ```
+    ``loss``: ``NormFaceLoss(s)``.
 
     Args:
-        num_classes: number of classes, >= 2.
-        s: scale, or its initial value when learned (default 30.0).
-        learn_scale: learn s as a trainable scalar (label-aware form only, since the cosine-path loss
-            cannot see the learned value).
+        num_classes: Integer, the number of classes, >= 2.
+        s: Float, the scale, or its initial value when learned, > 0. Defaults to `30.0`.
+        learn_scale: Boolean; learn s as a trainable scalar (label-aware form only, since the
+            cosine-path loss cannot see the learned value). Defaults to `False`.
+{{head_args}}
+
+{{call_forms}}
 
     Example:
-    >>> import keras
-    >>> model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(8), NormFaceHead(10)])
-    >>> model.compile("adam", loss=model.layers[-1].loss)
+    >>> import numpy as np, keras
+    >>> head = NormFaceHead(3, s=10.0, kernel_initializer="identity")
+    >>> x, y = np.array([[2.0, 0.0, 0.0], [0.0, 1.0, 1.0]], "float32"), np.array([0, 1])
+    >>> np.round(keras.ops.convert_to_numpy(head(x)), 4)
+    array([[1.    , 0.    , 0.    ],
+           [0.    , 0.7071, 0.7071]], dtype=float32)
+    >>> np.round(keras.ops.convert_to_numpy(head([x, y], training=True)), 3)
+    array([[10.   ,  0.   ,  0.   ],
+           [ 0.   ,  7.071,  7.071]], dtype=float32)
+
+    Reference:
+        Wang et al., "NormFace: L2 Hypersphere Embedding for Face Verification", ACM MM 2017,
+        arXiv:1704.06369 (Eq. 6). Authors' code: https://github.com/happynear/NormFace
     """
 
-    def __init__(self, num_classes: int, s: float = 30.0, learn_scale: bool = False, **kwargs):
-        super().__init__(num_classes, s=s, **kwargs)
-        if not isinstance(learn_scale, bool):
-            raise ValueError(f"NormFaceHead: `learn_scale` must be a bool; got {learn_scale!r}.")
-        self.learn_scale = learn_scale
+    def __init__(self, num_classes: int, s: float = normface.DEFAULT_S,
+                 learn_scale: bool = normface.DEFAULT_LEARN_SCALE, **kwargs):
+        params = normface.check_normface_parameters(type(self).__name__, s)
+        super().__init__(num_classes, s=params["s"], **kwargs)
+        self.learn_scale = _validation.check_bool(type(self).__name__, "learn_scale", learn_scale)
 
     def build(self, input_shape):
         super().build(input_shape)
@@ -310,6 +395,7 @@ class NormFaceHead(MarginHead):
         return {**super().get_config(), "learn_scale": self.learn_scale}
 
 
+@_document_head
 @keras.saving.register_keras_serializable(package="keras_margin")
 class SphereFaceHead(MarginHead):
     """SphereFace A-Softmax head (Liu et al. 2017, arXiv 1704.08063, Eq. 7), the Caffe layer's form.
@@ -328,32 +414,45 @@ class SphereFaceHead(MarginHead):
     feature-normalized variant with the schedule's final lambda (no |x|, no annealing).
 
     Args:
-        num_classes: number of classes, >= 2.
-        m: integer margin 1..4 (default 4).
-        base, gamma, power, lambda_min: the annealing schedule (defaults 1000, 0.12, 1, 5: the released
-            SphereFace prototxt).
-        s: scale of the cosine-path loss (default 30.0).
+        num_classes: Integer, the number of classes, >= 2.
+        m: Integer angular margin, 1 to 4. Defaults to `4`.
+        base: Float, the schedule's initial lambda scale, > 0. Defaults to `1000.0` (the released
+            SphereFace prototxt, as are the next three).
+        gamma: Float, the schedule's rate, >= 0. Defaults to `0.12`.
+        power: Float, the schedule's exponent, >= 0. Defaults to `1.0`.
+        lambda_min: Float, the schedule's floor, >= 0. Defaults to `5.0`.
+        s: Float, the scale of the cosine-path loss (the label-aware form scales by |x|), > 0.
+            Defaults to `30.0`.
+{{head_args}}
+
+{{call_forms}}
 
     Example:
     >>> import numpy as np, keras
-    >>> head = SphereFaceHead(10)
-    >>> x, y = np.random.rand(4, 8).astype("float32"), np.array([1, 2, 3, 4])
-    >>> logits = head([x, y], training=True)
+    >>> head = SphereFaceHead(3, kernel_initializer="identity")
+    >>> x, y = np.array([[2.0, 0.0, 0.0], [0.0, 1.0, 1.0]], "float32"), np.array([0, 1])
+    >>> np.round(keras.ops.convert_to_numpy(head([x, y], training=True)), 3)
+    array([[2.   , 0.   , 0.   ],
+           [0.   , 0.997, 1.   ]], dtype=float32)
     >>> int(keras.ops.convert_to_numpy(head.iteration))
     1
+
+    Reference:
+        Liu et al., "SphereFace: Deep Hypersphere Embedding for Face Recognition", CVPR 2017,
+        arXiv:1704.08063 (Eq. 7). Authors' code (the Caffe ``MarginInnerProduct`` layer):
+        https://github.com/wy1iu/sphereface
     """
 
-    def __init__(self, num_classes: int, m: int = 4, base: float = 1000.0, gamma: float = 0.12,
-                 power: float = 1.0, lambda_min: float = 5.0, s: float = 30.0, **kwargs):
-        super().__init__(num_classes, s=s, **kwargs)
-        owner = "SphereFaceHead"
-        if isinstance(m, bool) or m not in SUPPORTED_M:
-            raise ValueError(f"{owner}: `m` must be an integer in {SUPPORTED_M}; got {m!r}.")
-        self.m = int(m)
-        self.base = _validation.check_number(owner, "base", base, low=0.0, low_open=True)
-        self.gamma = _validation.check_number(owner, "gamma", gamma, low=0.0)
-        self.power = _validation.check_number(owner, "power", power, low=0.0)
-        self.lambda_min = _validation.check_number(owner, "lambda_min", lambda_min, low=0.0)
+    def __init__(self, num_classes: int, m: int = sphereface.DEFAULT_M, base: float = sphereface.DEFAULT_BASE,
+                 gamma: float = sphereface.DEFAULT_GAMMA, power: float = sphereface.DEFAULT_POWER,
+                 lambda_min: float = sphereface.DEFAULT_LAMBDA_MIN, s: float = sphereface.DEFAULT_S, **kwargs):
+        owner = type(self).__name__
+        params = sphereface.check_sphereface_parameters(owner, m, s)
+        schedule = sphereface.check_sphereface_schedule(owner, base, gamma, power, lambda_min)
+        super().__init__(num_classes, s=params["s"], **kwargs)
+        self.m = params["m"]
+        self.base, self.gamma = schedule["base"], schedule["gamma"]
+        self.power, self.lambda_min = schedule["power"], schedule["lambda_min"]
 
     def build(self, input_shape):
         super().build(input_shape)
@@ -383,6 +482,7 @@ class SphereFaceHead(MarginHead):
                 "power": self.power, "lambda_min": self.lambda_min}
 
 
+@_document_head
 @keras.saving.register_keras_serializable(package="keras_margin")
 class AMSoftmaxHead(MarginHead):
     """AM-Softmax / CosFace head (Wang et al. 2018, arXiv 1801.05599, Eq. 4).
@@ -391,21 +491,37 @@ class AMSoftmaxHead(MarginHead):
     ```
     z_y = s * (cos(theta_y) - m),  z_j = s * cos(theta_j)  (j != y)
     ```
+    ``loss``: ``AMSoftmaxLoss(s, m)``.
 
     Args:
-        num_classes: number of classes, >= 2.
-        s: scale (default 30.0). m: additive cosine margin in [0, 1] (default 0.35).
+        num_classes: Integer, the number of classes, >= 2.
+        s: Float, the scale, > 0. Defaults to `30.0`.
+        m: Float, the additive cosine margin, in [0, 1]. Defaults to `0.35`.
+{{head_args}}
+
+{{call_forms}}
 
     Example:
-    >>> import keras
-    >>> model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(8)])
-    >>> model.add(AMSoftmaxHead(10))
-    >>> model.compile("adam", loss=model.layers[-1].loss, jit_compile=True)
+    >>> import numpy as np, keras
+    >>> head = AMSoftmaxHead(3, s=10.0, m=0.35, kernel_initializer="identity")
+    >>> x, y = np.array([[2.0, 0.0, 0.0], [0.0, 1.0, 1.0]], "float32"), np.array([0, 1])
+    >>> np.round(keras.ops.convert_to_numpy(head([x, y], training=True)), 3)
+    array([[6.5  , 0.   , 0.   ],
+           [0.   , 3.571, 7.071]], dtype=float32)
+    >>> round(float(head.loss(y, head(x))), 4)
+    1.7668
+
+    Reference:
+        Wang et al., "Additive Margin Softmax for Face Verification", IEEE SPL 2018, arXiv:1801.05599
+        (Eq. 4). Authors' code: https://github.com/happynear/AMSoftmax. The same objective is CosFace's
+        large margin cosine loss (Wang et al., CVPR 2018, arXiv:1801.09414, Eq. 4).
     """
 
-    def __init__(self, num_classes: int, s: float = 30.0, m: float = 0.35, **kwargs):
-        super().__init__(num_classes, s=s, **kwargs)
-        self.m = _validation.check_number("AMSoftmaxHead", "m", m, low=0.0, high=1.0)
+    def __init__(self, num_classes: int, s: float = amsoftmax.DEFAULT_S, m: float = amsoftmax.DEFAULT_M,
+                 **kwargs):
+        params = amsoftmax.check_amsoftmax_parameters(type(self).__name__, s, m)
+        super().__init__(num_classes, s=params["s"], **kwargs)
+        self.m = params["m"]
 
     def target(self, cos_theta_y):
         return amsoftmax_target(cos_theta_y, self.m)
@@ -417,6 +533,7 @@ class AMSoftmaxHead(MarginHead):
         return {**super().get_config(), "m": self.m}
 
 
+@_document_head
 @keras.saving.register_keras_serializable(package="keras_margin")
 class X2SoftmaxHead(MarginHead):
     """X2-Softmax head (Xu et al. 2023, arXiv 2312.05281, Eq. 8).
@@ -425,24 +542,41 @@ class X2SoftmaxHead(MarginHead):
     ```
     z_y = s * (a * (theta_y - h)^2 + k),  z_j = s * cos(theta_j)  (j != y)
     ```
+    ``loss``: ``X2SoftmaxLoss(s, a, h, k, straight_through)``.
 
     Args:
-        num_classes: number of classes, >= 2.
-        s, a, h, k: defaults 64.0, -0.9, 0.0, 0.65 (the authors' released training command).
-        straight_through: identity gradient through the margin, as in the authors' code (default False).
+        num_classes: Integer, the number of classes, >= 2.
+        s: Float, the scale, > 0. Defaults to `64.0` (the authors' released training command, as are
+            the next three).
+        a: Float, the curvature of the parabola, < 0. Defaults to `-0.9`.
+        h: Float, the vertex angle in radians, in [0, pi). Defaults to `0.0`.
+        k: Float, the vertex value, in [-1, 1]. Defaults to `0.65`.
+        straight_through: Boolean; identity gradient through the margin, as in the authors' code.
+            Defaults to `False`.
+{{head_args}}
+
+{{call_forms}}
 
     Example:
-    >>> import numpy as np
-    >>> head = X2SoftmaxHead(10)
-    >>> cos = head(np.random.rand(4, 8).astype("float32"))
+    >>> import numpy as np, keras
+    >>> head = X2SoftmaxHead(3, s=10.0, kernel_initializer="identity")
+    >>> x, y = np.array([[2.0, 0.0, 0.0], [0.0, 1.0, 1.0]], "float32"), np.array([0, 1])
+    >>> np.round(keras.ops.convert_to_numpy(head([x, y], training=True)), 3)
+    array([[6.5  , 0.   , 0.   ],
+           [0.   , 0.948, 7.071]], dtype=float32)
+
+    Reference:
+        Xu et al., "X2-Softmax: Margin Adaptive Loss Function for Face Recognition", arXiv:2312.05281
+        (Eq. 8).
     """
 
-    def __init__(self, num_classes: int, s: float = 64.0, a: float = -0.9, h: float = 0.0, k: float = 0.65,
-                 straight_through: bool = False, **kwargs):
-        super().__init__(num_classes, s=s, **kwargs)
-        self.a, self.h, self.k, self.straight_through = check_x2softmax_parameters(
-            "X2SoftmaxHead", a, h, k, straight_through
-        )
+    def __init__(self, num_classes: int, s: float = x2softmax.DEFAULT_S, a: float = x2softmax.DEFAULT_A,
+                 h: float = x2softmax.DEFAULT_H, k: float = x2softmax.DEFAULT_K,
+                 straight_through: bool = x2softmax.DEFAULT_STRAIGHT_THROUGH, **kwargs):
+        params = x2softmax.check_x2softmax_parameters(type(self).__name__, s, a, h, k, straight_through)
+        super().__init__(num_classes, s=params["s"], **kwargs)
+        self.a, self.h, self.k = params["a"], params["h"], params["k"]
+        self.straight_through = params["straight_through"]
 
     def target(self, cos_theta_y):
         return x2softmax_target(cos_theta_y, self.a, self.h, self.k, self.straight_through)
@@ -455,6 +589,7 @@ class X2SoftmaxHead(MarginHead):
                 "straight_through": self.straight_through}
 
 
+@_document_head
 @keras.saving.register_keras_serializable(package="keras_margin")
 class ArcFaceHead(MarginHead):
     """ArcFace head (Deng et al. 2019, arXiv 1801.07698, Eq. 3), InsightFace's monotone fallback.
@@ -464,20 +599,34 @@ class ArcFaceHead(MarginHead):
     z_y = s * cos(theta_y + m)  while theta_y + m <= pi, else s * (cos(theta_y) - m sin(m))
     z_j = s * cos(theta_j)      (j != y)
     ```
+    ``loss``: ``ArcFaceLoss(s, m)``.
 
     Args:
-        num_classes: number of classes, >= 2.
-        s: scale (default 64.0). m: angular margin in radians, [0, pi) (default 0.5).
+        num_classes: Integer, the number of classes, >= 2.
+        s: Float, the scale, > 0. Defaults to `64.0`.
+        m: Float, the additive angular margin in radians, in [0, pi). Defaults to `0.5`.
+{{head_args}}
+
+{{call_forms}}
 
     Example:
-    >>> import numpy as np
-    >>> head = ArcFaceHead(10)
-    >>> logits = head([np.random.rand(4, 8).astype("float32"), np.array([0, 1, 2, 3])], training=True)
+    >>> import numpy as np, keras
+    >>> head = ArcFaceHead(3, s=10.0, m=0.5, kernel_initializer="identity")
+    >>> x, y = np.array([[2.0, 0.0, 0.0], [0.0, 1.0, 1.0]], "float32"), np.array([0, 1])
+    >>> np.round(keras.ops.convert_to_numpy(head([x, y], training=True)), 3)
+    array([[8.773, 0.   , 0.   ],
+           [0.   , 2.815, 7.071]], dtype=float32)
+
+    Reference:
+        Deng et al., "ArcFace: Additive Angular Margin Loss for Deep Face Recognition", CVPR 2019,
+        arXiv:1801.07698 (Eq. 3). Authors' code: https://github.com/deepinsight/insightface
+        (`recognition/arcface_torch/losses.py`).
     """
 
-    def __init__(self, num_classes: int, s: float = 64.0, m: float = 0.5, **kwargs):
-        super().__init__(num_classes, s=s, **kwargs)
-        self.m = _validation.check_number("ArcFaceHead", "m", m, low=0.0, high=math.pi, high_open=True)
+    def __init__(self, num_classes: int, s: float = arcface.DEFAULT_S, m: float = arcface.DEFAULT_M, **kwargs):
+        params = arcface.check_arcface_parameters(type(self).__name__, s, m)
+        super().__init__(num_classes, s=params["s"], **kwargs)
+        self.m = params["m"]
 
     def target(self, cos_theta_y):
         return arcface_target(cos_theta_y, self.m)
@@ -487,4 +636,3 @@ class ArcFaceHead(MarginHead):
 
     def get_config(self):
         return {**super().get_config(), "m": self.m}
-

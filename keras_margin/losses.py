@@ -1,35 +1,32 @@
 """Margin-softmax losses on cosines: ``loss(y_true, cos_theta)`` for heads that output cos(theta).
 
 Each objective is a plain function ``(y_true, cos_theta, **hyper-parameters)`` plus a thin
-``keras.losses.Loss`` class around it (reduction, name, ``get_config``), as in Keras' own losses.
+``keras.losses.Loss`` class around it (reduction, name, ``get_config``), as in Keras' own losses. The
+defaults and checks of the hyper-parameters are the objective's own, in ``keras_margin.margins``; the
+classes keep them as attributes (``AMSoftmaxLoss().m == 0.35``), as Keras' losses do.
 """
 
 from __future__ import annotations
 
-import math
-
 import keras
 from keras import ops
 
-from keras_margin import _validation
+from keras_margin import _keras_private, _validation
 from keras_margin.core import margin_softmax_loss
 from keras_margin.margins import (
+    amsoftmax,
     amsoftmax_target,
+    arcface,
     arcface_target,
     combined_margin_target,
+    normface,
     normface_scale_lower_bound,
     normface_target,
+    sphereface,
     sphereface_target,
+    x2softmax,
     x2softmax_target,
 )
-from keras_margin.margins.sphereface import SUPPORTED_M
-from keras_margin.margins.x2softmax import check_x2softmax_parameters
-
-try:  # Keras' symbolic build (e.g. under tf.distribute) feeds the loss labels it made itself.
-    from keras.src.backend.common.symbolic_scope import in_symbolic_scope as _in_keras_symbolic_build
-except ImportError:  # pragma: no cover - a Keras without the private module: always check
-    def _in_keras_symbolic_build() -> bool:
-        return False
 
 __all__ = [
     "MarginLoss",
@@ -48,45 +45,265 @@ __all__ = [
     "normface_scale_lower_bound",
 ]
 
+# Shared docstring parts, substituted into each class's and function's docstring (so help() shows them).
+_FUNCTION_ARGS = """\
+        y_true: Integer class ids of shape `(batch,)` or `(batch, 1)`, or one-hot labels of shape
+            `(batch, num_classes)`.
+        cos_theta: Cosines of shape `(batch, num_classes)`, the output of a head called on embeddings
+            alone (e.g. `AMSoftmaxHead(num_classes)(x)` or `CosineDense`)."""
+_FUNCTION_RETURNS = """\
+    Returns:
+        The per-sample loss, float32 of shape `(batch,)`; NaN for a row whose class id is outside
+        `[0, num_classes)` where the ids cannot be checked (under XLA)."""
+_LOSS_ARGS = """\
+        reduction: Type of reduction to apply to the loss: `"sum_over_batch_size"`, `"sum"`, `"mean"`,
+            `"mean_with_sample_weight"` or `None` (the per-sample losses). Defaults to
+            `"sum_over_batch_size"`.
+        name: Optional name for the loss instance. Defaults to `"{name}"`.
+        dtype: The dtype of the loss's output (the computation itself is float32). Defaults to `None`,
+            which means using `keras.backend.floatx()`."""
+_LOSS_SHAPES = """\
+    Call arguments:
+        y_true: Integer class ids of shape `(batch,)` or `(batch, 1)`, or one-hot labels of shape
+            `(batch, num_classes)`. Float class ids are refused (`ValueError`), not truncated.
+        y_pred: The cosines of shape `(batch, num_classes)` from a head called on embeddings alone.
+        sample_weight: Optional weights of shape `(batch,)`."""
+
+
+def _document(obj, **parts):
+    """Fill the ``{{part}}`` placeholders of ``obj.__doc__`` with the shared docstring parts."""
+    doc = obj.__doc__
+    for key, text in parts.items():
+        doc = doc.replace("{{" + key + "}}", text)
+    obj.__doc__ = doc
+    return obj
+
+
+def _function_doc(fn):
+    return _document(fn, function_args=_FUNCTION_ARGS, returns=_FUNCTION_RETURNS)
+
+
+def _loss_doc(cls):
+    name = cls.__init__.__kwdefaults__["name"]
+    return _document(cls, loss_args=_LOSS_ARGS.format(name=name), call_args=_LOSS_SHAPES)
+
 
 # --------------------------------------------------------------------------------------------------
 # Functions: per-sample losses, shape (batch,).
 
 
-def normface_loss(y_true, cos_theta, s: float = 30.0):
-    """NormFace: softmax cross-entropy over ``s * cos(theta_j)``."""
-    return margin_softmax_loss("normface_loss", y_true, cos_theta, normface_target, s)
+@_function_doc
+def normface_loss(y_true, cos_theta, s: float = normface.DEFAULT_S):
+    """NormFace: softmax cross-entropy over ``s * cos(theta_j)``, no margin.
+
+    Formula:
+    ```
+    z_j = s * cos(theta_j)      for all j
+    loss = logsumexp(z) - z_y
+    ```
+
+    Args:
+{{function_args}}
+        s: Float, the scale, > 0. Defaults to `30.0`.
+
+{{returns}}
+
+    Example:
+    >>> import keras, numpy as np
+    >>> loss = normface_loss(np.array([0, 1]), np.array([[0.8, 0.1], [0.3, 0.6]], "float32"), s=10.0)
+    >>> np.round(keras.ops.convert_to_numpy(loss), 4)
+    array([0.0009, 0.0486], dtype=float32)
+
+    Reference:
+        Wang et al., "NormFace: L2 Hypersphere Embedding for Face Verification", ACM MM 2017,
+        arXiv:1704.06369 (Eq. 6). Authors' code: https://github.com/happynear/NormFace
+    """
+    params = normface.check_normface_parameters("normface_loss", s)
+    return margin_softmax_loss("normface_loss", y_true, cos_theta, normface_target, params["s"])
 
 
-def sphereface_loss(y_true, cos_theta, m: int = 4, s: float = 30.0, lambda_: float = 0.0):
-    """Feature-normalized A-Softmax: ``z_y = s * (lambda * cos + psi(theta_y)) / (1 + lambda)``."""
+@_function_doc
+def sphereface_loss(y_true, cos_theta, m: int = sphereface.DEFAULT_M, s: float = sphereface.DEFAULT_S,
+                    lambda_: float = sphereface.DEFAULT_LAMBDA):
+    """Feature-normalized A-Softmax (SphereFace with ``|x|`` replaced by a fixed ``s``, fixed ``lambda``).
+
+    Formula:
+    ```
+    psi(theta) = (-1)^k cos(m theta) - 2k,  k = floor(m theta / pi)
+    z_y = s * (lambda * cos(theta_y) + psi(theta_y)) / (1 + lambda)
+    z_j = s * cos(theta_j)                                  (j != y)
+    ```
+
+    Args:
+{{function_args}}
+        m: Integer angular margin, 1 to 4. Defaults to `4`.
+        s: Float, the scale replacing the feature norm, > 0. Defaults to `30.0`.
+        lambda_: Float, the fixed blend with the plain cosine, >= 0. Defaults to `0.0`.
+
+{{returns}}
+
+    Example:
+    >>> import keras, numpy as np
+    >>> loss = sphereface_loss(np.array([0]), np.array([[0.99, 0.0]], "float32"), m=4, s=30.0)
+    >>> np.round(keras.ops.convert_to_numpy(loss), 4)
+    array([0.], dtype=float32)
+
+    Reference:
+        Liu et al., "SphereFace: Deep Hypersphere Embedding for Face Recognition", CVPR 2017,
+        arXiv:1704.08063 (Eq. 7). Authors' code: https://github.com/wy1iu/sphereface
+    """
+    params = sphereface.check_sphereface_parameters("sphereface_loss", m, s, lambda_)
     return margin_softmax_loss(
-        "sphereface_loss", y_true, cos_theta, lambda c: sphereface_target(c, m, lambda_), s
+        "sphereface_loss", y_true, cos_theta,
+        lambda c: sphereface_target(c, params["m"], params["lambda_"]), params["s"],
     )
 
 
-def amsoftmax_loss(y_true, cos_theta, s: float = 30.0, m: float = 0.35):
-    """AM-Softmax / CosFace: ``z_y = s * (cos(theta_y) - m)``."""
-    return margin_softmax_loss("amsoftmax_loss", y_true, cos_theta, lambda c: amsoftmax_target(c, m), s)
+@_function_doc
+def amsoftmax_loss(y_true, cos_theta, s: float = amsoftmax.DEFAULT_S, m: float = amsoftmax.DEFAULT_M):
+    """AM-Softmax / CosFace: ``z_y = s * (cos(theta_y) - m)``.
+
+    Formula:
+    ```
+    z_y = s * (cos(theta_y) - m),  z_j = s * cos(theta_j)  (j != y)
+    loss = logsumexp(z) - z_y
+    ```
+
+    Args:
+{{function_args}}
+        s: Float, the scale, > 0. Defaults to `30.0`.
+        m: Float, the additive cosine margin, in [0, 1]. Defaults to `0.35`.
+
+{{returns}}
+
+    Example:
+    >>> import keras, numpy as np
+    >>> loss = amsoftmax_loss(np.array([0, 1]), np.array([[0.8, 0.1], [0.3, 0.6]], "float32"))
+    >>> np.round(keras.ops.convert_to_numpy(loss), 4)
+    array([0.    , 1.7014], dtype=float32)
+
+    Reference:
+        Wang et al., "Additive Margin Softmax for Face Verification", IEEE SPL 2018, arXiv:1801.05599
+        (Eq. 4). Authors' code: https://github.com/happynear/AMSoftmax. The same loss is CosFace's large
+        margin cosine loss (Wang et al., CVPR 2018, arXiv:1801.09414, Eq. 4).
+    """
+    params = amsoftmax.check_amsoftmax_parameters("amsoftmax_loss", s, m)
+    return margin_softmax_loss("amsoftmax_loss", y_true, cos_theta,
+                               lambda c: amsoftmax_target(c, params["m"]), params["s"])
 
 
-def x2softmax_loss(y_true, cos_theta, s: float = 64.0, a: float = -0.9, h: float = 0.0, k: float = 0.65,
-                   straight_through: bool = False):
-    """X2-Softmax: ``z_y = s * (a * (theta_y - h)^2 + k)``."""
+@_function_doc
+def x2softmax_loss(y_true, cos_theta, s: float = x2softmax.DEFAULT_S, a: float = x2softmax.DEFAULT_A,
+                   h: float = x2softmax.DEFAULT_H, k: float = x2softmax.DEFAULT_K,
+                   straight_through: bool = x2softmax.DEFAULT_STRAIGHT_THROUGH):
+    """X2-Softmax: ``z_y = s * (a * (theta_y - h)^2 + k)``, a quadratic, angle-adaptive target logit.
+
+    Formula:
+    ```
+    theta_y = arccos(clip(cos_theta_y, -1 + 1e-7, 1 - 1e-7))
+    z_y = s * (a * (theta_y - h)^2 + k),  z_j = s * cos(theta_j)  (j != y)
+    ```
+
+    Args:
+{{function_args}}
+        s: Float, the scale, > 0. Defaults to `64.0`.
+        a: Float, the curvature of the parabola, < 0. Defaults to `-0.9`.
+        h: Float, the vertex angle in radians, in [0, pi). Defaults to `0.0`.
+        k: Float, the vertex value, in [-1, 1]. Defaults to `0.65`.
+        straight_through: Boolean; when True the gradient through the margin is the identity w.r.t.
+            cos(theta_y), as in the authors' code (margin under `no_grad`); when False the analytic
+            gradient. Defaults to `False`.
+
+{{returns}}
+
+    Example:
+    >>> import keras, numpy as np
+    >>> loss = x2softmax_loss(np.array([0, 1]), np.array([[0.8, 0.1], [0.3, 0.6]], "float32"))
+    >>> np.round(keras.ops.convert_to_numpy(loss), 4)
+    array([ 0.    , 27.1289], dtype=float32)
+
+    Reference:
+        Xu et al., "X2-Softmax: Margin Adaptive Loss Function for Face Recognition", arXiv:2312.05281
+        (Eq. 8); the defaults are the authors' released training command.
+    """
+    params = x2softmax.check_x2softmax_parameters("x2softmax_loss", s, a, h, k, straight_through)
     return margin_softmax_loss(
-        "x2softmax_loss", y_true, cos_theta, lambda c: x2softmax_target(c, a, h, k, straight_through), s
+        "x2softmax_loss", y_true, cos_theta,
+        lambda c: x2softmax_target(c, params["a"], params["h"], params["k"], params["straight_through"]),
+        params["s"],
     )
 
 
-def arcface_loss(y_true, cos_theta, s: float = 64.0, m: float = 0.5):
-    """ArcFace (InsightFace convention): ``z_y = s * cos(theta_y + m)``, ``s * (cos - m sin m)`` past pi."""
-    return margin_softmax_loss("arcface_loss", y_true, cos_theta, lambda c: arcface_target(c, m), s)
+@_function_doc
+def arcface_loss(y_true, cos_theta, s: float = arcface.DEFAULT_S, m: float = arcface.DEFAULT_M):
+    """ArcFace (InsightFace convention): ``z_y = s * cos(theta_y + m)``, ``s * (cos - m sin m)`` past pi.
+
+    Formula:
+    ```
+    z_y = s * cos(theta_y + m)            while theta_y + m <= pi
+    z_y = s * (cos(theta_y) - m sin(m))   otherwise (monotone fallback)
+    z_j = s * cos(theta_j)                (j != y)
+    ```
+
+    Args:
+{{function_args}}
+        s: Float, the scale, > 0. Defaults to `64.0`.
+        m: Float, the additive angular margin in radians, in [0, pi). Defaults to `0.5`.
+
+{{returns}}
+
+    Example:
+    >>> import keras, numpy as np
+    >>> loss = arcface_loss(np.array([0, 1]), np.array([[0.8, 0.1], [0.3, 0.6]], "float32"))
+    >>> np.round(keras.ops.convert_to_numpy(loss), 4)
+    array([ 0.    , 10.0475], dtype=float32)
+
+    Reference:
+        Deng et al., "ArcFace: Additive Angular Margin Loss for Deep Face Recognition", CVPR 2019,
+        arXiv:1801.07698 (Eq. 3). Authors' code: https://github.com/deepinsight/insightface
+        (`recognition/arcface_torch/losses.py`).
+    """
+    params = arcface.check_arcface_parameters("arcface_loss", s, m)
+    return margin_softmax_loss("arcface_loss", y_true, cos_theta,
+                               lambda c: arcface_target(c, params["m"]), params["s"])
 
 
-def combined_margin_loss(y_true, cos_theta, s: float = 64.0, m1: float = 1.0, m2: float = 0.5, m3: float = 0.0):
-    """Combined margin: ``z_y = s * (cos(m1 * theta_y + m2) - m3)``."""
+@_function_doc
+def combined_margin_loss(y_true, cos_theta, s: float = arcface.COMBINED_DEFAULT_S,
+                         m1: float = arcface.COMBINED_DEFAULT_M1, m2: float = arcface.COMBINED_DEFAULT_M2,
+                         m3: float = arcface.COMBINED_DEFAULT_M3):
+    """Combined margin: ``z_y = s * (cos(m1 * theta_y + m2) - m3)``.
+
+    Formula:
+    ```
+    z_y = s * (cos(m1 * theta_y + m2) - m3),  z_j = s * cos(theta_j)  (j != y)
+    ```
+
+    Args:
+{{function_args}}
+        s: Float, the scale, > 0. Defaults to `64.0`.
+        m1: Float, the multiplicative angular margin, > 0. Defaults to `1.0`.
+        m2: Float, the additive angular margin in radians, in [0, pi). Defaults to `0.5`.
+        m3: Float, the additive cosine margin, in [0, 1]. Defaults to `0.0`.
+
+{{returns}}
+
+    Example:
+    >>> import keras, numpy as np
+    >>> cos = np.array([[0.8, 0.1], [0.3, 0.6]], "float32")
+    >>> loss = combined_margin_loss(np.array([0, 1]), cos, m1=1.0, m2=0.3, m3=0.2)
+    >>> np.round(keras.ops.convert_to_numpy(loss), 4)
+    array([ 0.    , 10.4457], dtype=float32)
+
+    Reference:
+        Deng et al., "ArcFace: Additive Angular Margin Loss for Deep Face Recognition", CVPR 2019,
+        arXiv:1801.07698 (Eq. 4). Authors' code: https://github.com/deepinsight/insightface
+        (`recognition/arcface_torch/losses.py`, `CombinedMarginLoss`).
+    """
+    params = arcface.check_combined_margin_parameters("combined_margin_loss", s, m1, m2, m3)
     return margin_softmax_loss(
-        "combined_margin_loss", y_true, cos_theta, lambda c: combined_margin_target(c, m1, m2, m3), s
+        "combined_margin_loss", y_true, cos_theta,
+        lambda c: combined_margin_target(c, params["m1"], params["m2"], params["m3"]), params["s"],
     )
 
 
@@ -97,11 +314,32 @@ def combined_margin_loss(y_true, cos_theta, s: float = 64.0, m1: float = 1.0, m2
 class MarginLoss(keras.losses.Loss):
     """Base of the margin losses: checks the labels, then calls the objective's function.
 
-    Subclasses set ``fn`` (the per-sample function above) and pass their hyper-parameters to
-    ``__init__``; those hyper-parameters are what ``get_config`` returns.
+    Subclasses set ``fn`` (the per-sample function of their objective) and pass their checked
+    hyper-parameters to ``__init__`` as keywords; each becomes an attribute of the loss (``loss.m``),
+    ``hyper_parameters`` is the dict of them, and ``get_config`` returns them with the name and reduction.
+    The function checks the hyper-parameters again at each call, so an attribute set to a bad value later
+    is refused then.
 
     Labels: integer class ids of shape (batch,) or (batch, 1), or one-hot (batch, C). Float class ids
     are refused (``ValueError``) rather than silently truncated.
+
+    Args:
+        reduction: Type of reduction to apply to the loss. Defaults to `"sum_over_batch_size"`.
+        name: Optional name for the loss instance. Defaults to `None` (the class name in snake case).
+        dtype: The dtype of the loss's output. Defaults to `None` (`keras.backend.floatx()`).
+        **hyper_parameters: The objective's hyper-parameters, already checked, passed to `fn`.
+
+    Example:
+    >>> import numpy as np
+    >>> class Margin02Loss(MarginLoss):
+    ...     fn = staticmethod(amsoftmax_loss)
+    ...     def __init__(self, **kwargs):
+    ...         super().__init__(s=10.0, m=0.2, **kwargs)
+    >>> loss = Margin02Loss()
+    >>> loss.m, loss.hyper_parameters
+    (0.2, {'s': 10.0, 'm': 0.2})
+    >>> round(float(loss(np.array([0]), np.array([[0.8, 0.1]], "float32"))), 4)
+    0.0067
     """
 
     fn = None
@@ -109,7 +347,14 @@ class MarginLoss(keras.losses.Loss):
     def __init__(self, *, reduction: str | None = "sum_over_batch_size", name: str | None = None,
                  dtype=None, **hyper_parameters):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
-        self.hyper_parameters = hyper_parameters
+        self._hyper_parameter_names = tuple(hyper_parameters)
+        for key, value in hyper_parameters.items():
+            setattr(self, key, value)
+
+    @property
+    def hyper_parameters(self) -> dict:
+        """The objective's hyper-parameters, ``{name: value}``, from the loss' attributes."""
+        return {key: getattr(self, key) for key in self._hyper_parameter_names}
 
     def __call__(self, y_true, y_pred, sample_weight=None):
         # Keras casts y_true to the loss dtype before ``call``: check the labels as the user gave them.
@@ -120,7 +365,7 @@ class MarginLoss(keras.losses.Loss):
         # labels are checked when real data arrives, so only the shape is checked there.
         if num_classes is not None:
             _validation.label_kind(type(self).__name__, y_true, num_classes,
-                                   check_dtype=not _in_keras_symbolic_build())
+                                   check_dtype=not _keras_private.in_symbolic_scope())
         return super().__call__(y_true, y_pred, sample_weight=sample_weight)
 
     def call(self, y_true, y_pred):
@@ -137,10 +382,7 @@ class MarginLoss(keras.losses.Loss):
         return cls(**config)
 
 
-def _scale(owner: str, s) -> float:
-    return _validation.check_number(owner, "s", s, low=0.0, low_open=True)
-
-
+@_loss_doc
 @keras.saving.register_keras_serializable(package="keras_margin")
 class NormFaceLoss(MarginLoss):
     """NormFace normalized softmax (Wang et al. 2017, arXiv 1704.06369, Eq. 6 with fixed s).
@@ -152,23 +394,35 @@ class NormFaceLoss(MarginLoss):
     ```
 
     Args:
-        s: scale (default 30.0). ``normface_scale_lower_bound(C, P)`` gives the paper's lower bound.
-        reduction, name: as for any ``keras.losses.Loss``.
+        s: Float, the scale, > 0; `normface_scale_lower_bound(C, P)` gives the paper's lower bound.
+            Defaults to `30.0`.
+{{loss_args}}
+
+{{call_args}}
 
     Example:
     >>> import numpy as np
-    >>> loss = NormFaceLoss(s=30.0)
-    >>> cos = np.array([[0.9, 0.1], [0.2, 0.8]], "float32")
-    >>> float(loss(np.array([0, 1]), cos)) < 1e-6
-    True
+    >>> loss = NormFaceLoss(s=10.0)
+    >>> loss.s
+    10.0
+    >>> cos = np.array([[0.8, 0.1], [0.3, 0.6]], "float32")
+    >>> round(float(loss(np.array([0, 1]), cos)), 4)
+    0.0247
+
+    Reference:
+        Wang et al., "NormFace: L2 Hypersphere Embedding for Face Verification", ACM MM 2017,
+        arXiv:1704.06369 (Eq. 6). Authors' code: https://github.com/happynear/NormFace
     """
 
     fn = staticmethod(normface_loss)
 
-    def __init__(self, s: float = 30.0, *, reduction="sum_over_batch_size", name="normface_loss", dtype=None):
-        super().__init__(s=_scale("NormFaceLoss", s), reduction=reduction, name=name, dtype=dtype)
+    def __init__(self, s: float = normface.DEFAULT_S, *, reduction="sum_over_batch_size", name="normface_loss",
+                 dtype=None):
+        super().__init__(**normface.check_normface_parameters("NormFaceLoss", s), reduction=reduction, name=name,
+                         dtype=dtype)
 
 
+@_loss_doc
 @keras.saving.register_keras_serializable(package="keras_margin")
 class SphereFaceLoss(MarginLoss):
     """Feature-normalized A-Softmax (SphereFace, Liu et al. 2017, arXiv 1704.08063, Eq. 7 with |x| -> s).
@@ -187,27 +441,36 @@ class SphereFaceLoss(MarginLoss):
     label-aware form ``head([x, labels])``.
 
     Args:
-        m: integer angular margin, 1 to 4 (default 4).
-        s: scale replacing |x| (default 30.0).
-        lambda_: fixed blend with the plain cosine, >= 0 (default 0.0).
+        m: Integer angular margin, 1 to 4. Defaults to `4`.
+        s: Float, the scale replacing |x|, > 0. Defaults to `30.0`.
+        lambda_: Float, the fixed blend with the plain cosine, >= 0. Defaults to `0.0`.
+{{loss_args}}
+
+{{call_args}}
 
     Example:
     >>> import numpy as np
     >>> loss = SphereFaceLoss(m=4, s=30.0)
-    >>> value = loss(np.array([0]), np.array([[0.99, 0.0]], "float32"))
+    >>> loss.m, loss.lambda_
+    (4, 0.0)
+    >>> round(float(loss(np.array([0, 1]), np.array([[0.99, 0.0], [0.3, 0.6]], "float32"))), 4)
+    21.852
+
+    Reference:
+        Liu et al., "SphereFace: Deep Hypersphere Embedding for Face Recognition", CVPR 2017,
+        arXiv:1704.08063 (Eq. 7). Authors' code: https://github.com/wy1iu/sphereface
     """
 
     fn = staticmethod(sphereface_loss)
 
-    def __init__(self, m: int = 4, s: float = 30.0, lambda_: float = 0.0, *, reduction="sum_over_batch_size",
+    def __init__(self, m: int = sphereface.DEFAULT_M, s: float = sphereface.DEFAULT_S,
+                 lambda_: float = sphereface.DEFAULT_LAMBDA, *, reduction="sum_over_batch_size",
                  name="sphereface_loss", dtype=None):
-        if isinstance(m, bool) or m not in SUPPORTED_M:
-            raise ValueError(f"SphereFaceLoss: `m` must be an integer in {SUPPORTED_M}; got {m!r}.")
-        lambda_ = _validation.check_number("SphereFaceLoss", "lambda_", lambda_, low=0.0)
-        super().__init__(m=int(m), s=_scale("SphereFaceLoss", s), lambda_=lambda_, reduction=reduction,
-                         name=name, dtype=dtype)
+        super().__init__(**sphereface.check_sphereface_parameters("SphereFaceLoss", m, s, lambda_),
+                         reduction=reduction, name=name, dtype=dtype)
 
 
+@_loss_doc
 @keras.saving.register_keras_serializable(package="keras_margin")
 class AMSoftmaxLoss(MarginLoss):
     """AM-Softmax (Wang et al. 2018, arXiv 1801.05599, Eq. 4) = CosFace's LMCL (arXiv 1801.09414, Eq. 4).
@@ -219,23 +482,35 @@ class AMSoftmaxLoss(MarginLoss):
     ```
 
     Args:
-        s: scale (default 30.0, the released AM-Softmax model).
-        m: additive cosine margin in [0, 1] (default 0.35).
+        s: Float, the scale, > 0. Defaults to `30.0` (the released AM-Softmax model).
+        m: Float, the additive cosine margin, in [0, 1]. Defaults to `0.35`.
+{{loss_args}}
+
+{{call_args}}
 
     Example:
     >>> import numpy as np
-    >>> loss = AMSoftmaxLoss(s=30.0, m=0.35)
-    >>> value = loss(np.array([1, 0]), np.array([[0.1, 0.9], [0.7, 0.2]], "float32"))
+    >>> loss = AMSoftmaxLoss()
+    >>> loss.s, loss.m
+    (30.0, 0.35)
+    >>> round(float(loss(np.array([0, 1]), np.array([[0.8, 0.1], [0.3, 0.6]], "float32"))), 4)
+    0.8507
+
+    Reference:
+        Wang et al., "Additive Margin Softmax for Face Verification", IEEE SPL 2018, arXiv:1801.05599
+        (Eq. 4). Authors' code: https://github.com/happynear/AMSoftmax. The same loss is CosFace's large
+        margin cosine loss (Wang et al., CVPR 2018, arXiv:1801.09414, Eq. 4).
     """
 
     fn = staticmethod(amsoftmax_loss)
 
-    def __init__(self, s: float = 30.0, m: float = 0.35, *, reduction="sum_over_batch_size",
-                 name="amsoftmax_loss", dtype=None):
-        m = _validation.check_number("AMSoftmaxLoss", "m", m, low=0.0, high=1.0)
-        super().__init__(s=_scale("AMSoftmaxLoss", s), m=m, reduction=reduction, name=name, dtype=dtype)
+    def __init__(self, s: float = amsoftmax.DEFAULT_S, m: float = amsoftmax.DEFAULT_M, *,
+                 reduction="sum_over_batch_size", name="amsoftmax_loss", dtype=None):
+        super().__init__(**amsoftmax.check_amsoftmax_parameters("AMSoftmaxLoss", s, m), reduction=reduction,
+                         name=name, dtype=dtype)
 
 
+@_loss_doc
 @keras.saving.register_keras_serializable(package="keras_margin")
 class X2SoftmaxLoss(MarginLoss):
     """X2-Softmax (Xu et al. 2023, arXiv 2312.05281, Eq. 8): quadratic, angle-adaptive target logit.
@@ -247,28 +522,42 @@ class X2SoftmaxLoss(MarginLoss):
     ```
 
     Args:
-        s: scale (default 64.0), a: curvature, < 0 (default -0.9), h: vertex angle in [0, pi)
-            (default 0.0), k: vertex value in [-1, 1] (default 0.65): the authors' released defaults.
-        straight_through: when True the gradient through the margin is the identity w.r.t. cos(theta_y),
-            as in the authors' code (margin under ``no_grad``); default False: the analytic gradient
-            ``s * 2a (theta_y - h) * (-1 / sin(theta_y))``, finite thanks to the clamp.
+        s: Float, the scale, > 0. Defaults to `64.0`.
+        a: Float, the curvature, < 0. Defaults to `-0.9`.
+        h: Float, the vertex angle in radians, in [0, pi). Defaults to `0.0`.
+        k: Float, the vertex value, in [-1, 1]. Defaults to `0.65`.
+        straight_through: Boolean; when True the gradient through the margin is the identity w.r.t.
+            cos(theta_y), as in the authors' code (margin under `no_grad`); when False the analytic
+            gradient `s * 2a (theta_y - h) * (-1 / sin(theta_y))`, finite thanks to the clamp.
+            Defaults to `False`.
+{{loss_args}}
+
+{{call_args}}
 
     Example:
     >>> import numpy as np
     >>> loss = X2SoftmaxLoss()
-    >>> value = loss(np.array([0]), np.array([[0.5, -0.2]], "float32"))
+    >>> loss.a, loss.h, loss.k
+    (-0.9, 0.0, 0.65)
+    >>> round(float(loss(np.array([0, 1]), np.array([[0.5, -0.2], [0.3, 0.1]], "float32"))), 4)
+    55.47
+
+    Reference:
+        Xu et al., "X2-Softmax: Margin Adaptive Loss Function for Face Recognition", arXiv:2312.05281
+        (Eq. 8); the defaults are the authors' released training command.
     """
 
     fn = staticmethod(x2softmax_loss)
 
-    def __init__(self, s: float = 64.0, a: float = -0.9, h: float = 0.0, k: float = 0.65,
-                 straight_through: bool = False, *, reduction="sum_over_batch_size", name="x2softmax_loss",
-                 dtype=None):
-        a, h, k, straight_through = check_x2softmax_parameters("X2SoftmaxLoss", a, h, k, straight_through)
-        super().__init__(s=_scale("X2SoftmaxLoss", s), a=a, h=h, k=k, straight_through=straight_through,
+    def __init__(self, s: float = x2softmax.DEFAULT_S, a: float = x2softmax.DEFAULT_A,
+                 h: float = x2softmax.DEFAULT_H, k: float = x2softmax.DEFAULT_K,
+                 straight_through: bool = x2softmax.DEFAULT_STRAIGHT_THROUGH, *, reduction="sum_over_batch_size",
+                 name="x2softmax_loss", dtype=None):
+        super().__init__(**x2softmax.check_x2softmax_parameters("X2SoftmaxLoss", s, a, h, k, straight_through),
                          reduction=reduction, name=name, dtype=dtype)
 
 
+@_loss_doc
 @keras.saving.register_keras_serializable(package="keras_margin")
 class ArcFaceLoss(MarginLoss):
     """ArcFace additive angular margin (Deng et al. 2019, arXiv 1801.07698, Eq. 3), InsightFace convention.
@@ -281,22 +570,35 @@ class ArcFaceLoss(MarginLoss):
     ```
 
     Args:
-        s: scale (default 64.0). m: angular margin in radians, [0, pi) (default 0.5).
+        s: Float, the scale, > 0. Defaults to `64.0`.
+        m: Float, the additive angular margin in radians, in [0, pi). Defaults to `0.5`.
+{{loss_args}}
+
+{{call_args}}
 
     Example:
     >>> import numpy as np
-    >>> loss = ArcFaceLoss(s=64.0, m=0.5)
-    >>> value = loss(np.array([0]), np.array([[0.8, 0.1]], "float32"))
+    >>> loss = ArcFaceLoss()
+    >>> loss.s, loss.m
+    (64.0, 0.5)
+    >>> round(float(loss(np.array([0, 1]), np.array([[0.8, 0.1], [0.3, 0.6]], "float32"))), 4)
+    5.0237
+
+    Reference:
+        Deng et al., "ArcFace: Additive Angular Margin Loss for Deep Face Recognition", CVPR 2019,
+        arXiv:1801.07698 (Eq. 3). Authors' code: https://github.com/deepinsight/insightface
+        (`recognition/arcface_torch/losses.py`).
     """
 
     fn = staticmethod(arcface_loss)
 
-    def __init__(self, s: float = 64.0, m: float = 0.5, *, reduction="sum_over_batch_size", name="arcface_loss",
-                 dtype=None):
-        m = _validation.check_number("ArcFaceLoss", "m", m, low=0.0, high=math.pi, high_open=True)
-        super().__init__(s=_scale("ArcFaceLoss", s), m=m, reduction=reduction, name=name, dtype=dtype)
+    def __init__(self, s: float = arcface.DEFAULT_S, m: float = arcface.DEFAULT_M, *,
+                 reduction="sum_over_batch_size", name="arcface_loss", dtype=None):
+        super().__init__(**arcface.check_arcface_parameters("ArcFaceLoss", s, m), reduction=reduction, name=name,
+                         dtype=dtype)
 
 
+@_loss_doc
 @keras.saving.register_keras_serializable(package="keras_margin")
 class CombinedMarginLoss(MarginLoss):
     """InsightFace's combined margin (ArcFace paper, arXiv 1801.07698, Eq. 4).
@@ -309,21 +611,32 @@ class CombinedMarginLoss(MarginLoss):
     loss applies the plain formula everywhere; ``ArcFaceLoss`` adds InsightFace's monotone fallback).
 
     Args:
-        s: scale (default 64.0). m1: multiplicative angular margin, > 0 (default 1.0).
-        m2: additive angular margin, [0, pi) (default 0.5). m3: additive cosine margin, [0, 1] (default 0.0).
+        s: Float, the scale, > 0. Defaults to `64.0`.
+        m1: Float, the multiplicative angular margin, > 0. Defaults to `1.0`.
+        m2: Float, the additive angular margin in radians, in [0, pi). Defaults to `0.5`.
+        m3: Float, the additive cosine margin, in [0, 1]. Defaults to `0.0`.
+{{loss_args}}
+
+{{call_args}}
 
     Example:
     >>> import numpy as np
     >>> loss = CombinedMarginLoss(s=64.0, m1=1.0, m2=0.3, m3=0.2)
-    >>> value = loss(np.array([0]), np.array([[0.8, 0.1]], "float32"))
+    >>> loss.m1, loss.m2, loss.m3
+    (1.0, 0.3, 0.2)
+    >>> round(float(loss(np.array([0, 1]), np.array([[0.8, 0.1], [0.3, 0.6]], "float32"))), 4)
+    5.2229
+
+    Reference:
+        Deng et al., "ArcFace: Additive Angular Margin Loss for Deep Face Recognition", CVPR 2019,
+        arXiv:1801.07698 (Eq. 4). Authors' code: https://github.com/deepinsight/insightface
+        (`recognition/arcface_torch/losses.py`, `CombinedMarginLoss`).
     """
 
     fn = staticmethod(combined_margin_loss)
 
-    def __init__(self, s: float = 64.0, m1: float = 1.0, m2: float = 0.5, m3: float = 0.0, *,
+    def __init__(self, s: float = arcface.COMBINED_DEFAULT_S, m1: float = arcface.COMBINED_DEFAULT_M1,
+                 m2: float = arcface.COMBINED_DEFAULT_M2, m3: float = arcface.COMBINED_DEFAULT_M3, *,
                  reduction="sum_over_batch_size", name="combined_margin_loss", dtype=None):
-        owner = "CombinedMarginLoss"
-        m1 = _validation.check_number(owner, "m1", m1, low=0.0, low_open=True)
-        m2 = _validation.check_number(owner, "m2", m2, low=0.0, high=math.pi, high_open=True)
-        m3 = _validation.check_number(owner, "m3", m3, low=0.0, high=1.0)
-        super().__init__(s=_scale(owner, s), m1=m1, m2=m2, m3=m3, reduction=reduction, name=name, dtype=dtype)
+        super().__init__(**arcface.check_combined_margin_parameters("CombinedMarginLoss", s, m1, m2, m3),
+                         reduction=reduction, name=name, dtype=dtype)

@@ -128,6 +128,7 @@ def test_sphereface_head_loss_is_feature_normalized_form_with_final_lambda():
     loss = head.loss
     assert isinstance(loss, km.losses.SphereFaceLoss)
     assert loss.hyper_parameters == {"m": 3, "s": 20.0, "lambda_": 2.0}
+    assert (loss.m, loss.s, loss.lambda_) == (3, 20.0, 2.0)
 
 
 def test_normface_learned_scale_is_trainable_and_used():
@@ -147,9 +148,11 @@ def test_normface_learned_scale_is_trainable_and_used():
 def test_head_loss_carries_the_head_hyper_parameters(head_cls):
     head = head_cls(C, s=12.5)
     assert head.loss.hyper_parameters["s"] == 12.5
-    for name in ("m", "a", "h", "k"):
+    assert head.loss.s == 12.5
+    for name in ("m", "a", "h", "k", "straight_through"):
         if hasattr(head, name) and name in head.loss.hyper_parameters:
             assert head.loss.hyper_parameters[name] == getattr(head, name)
+            assert getattr(head.loss, name) == getattr(head, name)
 
 
 def test_one_hot_labels_equal_sparse_in_label_aware_form():
@@ -160,3 +163,75 @@ def test_one_hot_labels_equal_sparse_in_label_aware_form():
     column = ops.convert_to_numpy(head([x, y[:, None]], training=True))
     np.testing.assert_array_equal(sparse, one_hot)
     np.testing.assert_array_equal(sparse, column)
+
+
+# --------------------------------------------------------------------------------------------------
+# keras_margin._keras_private: the private Keras APIs, each exercised on the installed Keras.
+
+
+def _nested_model():
+    inner = keras.Sequential([keras.Input((D,)), keras.layers.Dense(4), km.AMSoftmaxHead(C, name="inner_head")],
+                             name="inner")
+    x_in = keras.Input((D,), name="pixels")
+    return keras.Model(x_in, inner(keras.layers.Dense(D, name="pre")(x_in)), name="outer"), inner
+
+
+def test_keras_private_flatten_layers():
+    from keras_margin import _keras_private
+
+    outer, inner = _nested_model()
+    everything = _keras_private.flatten_layers(outer, include_self=True, recursive=True)
+    assert everything[0] is outer and inner in everything
+    assert any(layer.name == "inner_head" for layer in everything)
+    top = _keras_private.flatten_layers(outer, include_self=False, recursive=False)
+    assert outer not in top and inner in top and not any(layer.name == "inner_head" for layer in top)
+    assert [h.name for h in km.distribution.margin_heads(outer)] == ["inner_head"]
+
+
+def test_keras_private_graph_history_and_nodes():
+    from keras_margin import _keras_private
+
+    outer, inner = _nested_model()
+    by_depth = _keras_private.nodes_by_depth(outer)
+    operations = {node.operation.name for nodes in by_depth.values() for node in nodes}
+    assert {"pixels", "pre", "inner"} <= operations
+    sequential_nodes = _keras_private.nodes_by_depth(inner)  # a Sequential's graph is its _functional
+    assert any(node.operation.name == "inner_head" for nodes in sequential_nodes.values() for node in nodes)
+    assert max(depth for depth, nodes in sequential_nodes.items()
+               if any(n.operation.name == "inner_head" for n in nodes)) == 0  # depth 0: the output nodes
+
+    class Subclassed(keras.Model):
+        def call(self, x):
+            return x
+
+    assert _keras_private.nodes_by_depth(Subclassed()) is None
+    operation, node_index, tensor_index = _keras_private.keras_history(outer.inputs[0])
+    assert operation.name == "pixels" and tensor_index == 0
+    assert _keras_private.keras_history(outer.outputs[0]).operation is inner
+    pre = outer.get_layer("pre")
+    history = _keras_private.keras_history(pre.output)
+    node = _keras_private.inbound_nodes(history.operation)[history.node_index]
+    assert node.operation is pre and node.input_tensors[0] is outer.inputs[0]
+
+
+def test_keras_private_symbolic_scope_and_version():
+    from keras_margin import _keras_private
+
+    assert _keras_private.in_symbolic_scope() is False
+    major_minor = tuple(int(v) for v in keras.__version__.split(".")[:2])
+    assert tuple(int(v) for v in _keras_private.KERAS_VERSION_CHECKED.split(".")) <= major_minor
+    assert _keras_private.KERAS_VERSION_CHECKED in _keras_private.__doc__
+
+
+def test_private_keras_apis_only_in_keras_private():
+    import pathlib
+
+    import keras_margin
+
+    root = pathlib.Path(keras_margin.__file__).parent
+    private = ("keras.src", "._flatten_layers", "._nodes_by_depth", "._keras_history", "._inbound_nodes")
+    # keras_margin/export is switched by its owner; every other module goes through _keras_private.
+    offenders = [(str(path.relative_to(root)), name) for path in root.rglob("*.py")
+                 if path.name != "_keras_private.py" and "export" not in path.parts
+                 for name in private if name in path.read_text()]
+    assert not offenders, offenders

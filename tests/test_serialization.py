@@ -86,3 +86,18 @@ def test_sphereface_iteration_survives_save_and_load(tmp_path):
     np.testing.assert_array_equal(ops.convert_to_numpy(model([x, y], training=True)),
                                   ops.convert_to_numpy(reloaded([x, y], training=True)))
     assert int(ops.convert_to_numpy(restored.iteration)) == 8
+
+
+@pytest.mark.parametrize("factory", LOSSES)
+def test_loss_attributes_survive_serialization_and_model_save(factory, tmp_path):
+    loss = factory()
+    names = list(loss.hyper_parameters)
+    clone = keras.losses.deserialize(keras.losses.serialize(loss))
+    assert {name: getattr(clone, name) for name in names} == {name: getattr(loss, name) for name in names}
+    model = keras.Sequential([keras.Input((4,)), km.CosineDense(6)])
+    model.compile("sgd", loss=loss)
+    model.save(tmp_path / "m.keras")
+    reloaded = keras.models.load_model(tmp_path / "m.keras")
+    assert type(reloaded.loss) is type(loss)
+    assert {name: getattr(reloaded.loss, name) for name in names} == loss.hyper_parameters
+    assert reloaded.loss.get_config() == loss.get_config()

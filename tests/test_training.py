@@ -83,3 +83,18 @@ def test_label_aware_head_trains_in_functional_model_under_xla(name):
     if name == "sphereface":
         assert int(ops.convert_to_numpy(head.iteration)) == 12 * (len(y) // 40)
 
+
+
+@pytest.mark.parametrize("name", ["amsoftmax", "sphereface"])
+def test_head_trains_without_xla_with_the_class_id_checks_and_the_nan_callback(name):
+    """Without XLA (TensorFlow: a tf.function graph holding the class-id assertion; JAX: un-jitted steps) valid
+    labels train as before, and NaNLossDiagnosis stays silent."""
+    x, y = _separable_problem()
+    head = HEADS[name]()
+    model = keras.Sequential([keras.Input((x.shape[1],)), keras.layers.Dense(16, activation="relu"),
+                              keras.layers.Dense(8), head])
+    model.compile(keras.optimizers.Adam(0.01), loss=head.loss, jit_compile=False)
+    history = model.fit(x, y[:, None], epochs=6, batch_size=40, verbose=0,
+                        callbacks=[km.callbacks.NaNLossDiagnosis()])
+    losses = history.history["loss"]
+    assert all(np.isfinite(losses)) and losses[-1] < 0.7 * losses[0], losses

@@ -1,13 +1,32 @@
-"""NormFace (Wang et al. 2017, arXiv 1704.06369): normalized softmax, no margin, and its bound on s."""
+"""NormFace (Wang et al. 2017, arXiv 1704.06369): normalized softmax, no margin, and its bound on s.
+
+The objective's one definition: target function, default scale (s = 30 in this package's API) and its
+check, used by ``NormFaceHead``, ``NormFaceLoss`` and ``normface_loss``.
+"""
 
 from __future__ import annotations
 
 import math
 
+from keras_margin import _validation
+
+DEFAULT_S = 30.0
+DEFAULT_LEARN_SCALE = False
+
 
 def normface_target(cos_theta_y):
     """Target cosine of NormFace: unchanged, ``z_y = s * cos(theta_y)``."""
     return cos_theta_y
+
+
+def check_normface_parameters(owner: str, s=DEFAULT_S) -> dict:
+    """NormFace's hyper-parameter, checked: s > 0; returned as ``{"s": s}``.
+
+    Example:
+    >>> check_normface_parameters("NormFaceLoss", 30)
+    {'s': 30.0}
+    """
+    return {"s": _validation.check_scale(owner, s)}
 
 
 def normface_scale_lower_bound(num_classes: int, probability: float) -> float:

@@ -1,10 +1,26 @@
-"""SphereFace A-Softmax (Liu et al. 2017, arXiv 1704.08063, Eq. 7) with the Caffe layer's lambda annealing."""
+"""SphereFace A-Softmax (Liu et al. 2017, arXiv 1704.08063, Eq. 7) with the Caffe layer's lambda annealing.
+
+The objective's one definition: psi and the target function, the default hyper-parameters (m = 4 and the
+annealing schedule of the released prototxt: base 1000, gamma 0.12, power 1, lambda_min 5; s = 30 and a
+fixed lambda = 0 for the feature-normalized loss) and their checks, used by ``SphereFaceHead``,
+``SphereFaceLoss`` and ``sphereface_loss``.
+"""
 
 from __future__ import annotations
 
 import math
 
 from keras import ops
+
+from keras_margin import _validation
+
+DEFAULT_M = 4
+DEFAULT_S = 30.0
+DEFAULT_LAMBDA = 0.0  # the feature-normalized loss' fixed lambda (pytorch-metric-learning's convention)
+DEFAULT_BASE = 1000.0
+DEFAULT_GAMMA = 0.12
+DEFAULT_POWER = 1.0
+DEFAULT_LAMBDA_MIN = 5.0
 
 # cos(m * theta) as a polynomial in cos(theta) (Chebyshev polynomials of the first kind).
 _CHEBYSHEV = {
@@ -26,8 +42,7 @@ def sphereface_psi(cos_theta_y, m: int):
     ``cos(m * theta)`` comes from the Chebyshev polynomial of ``cos(theta)`` and ``k`` from comparing
     ``cos(theta)`` with ``cos(j * pi / m)``, as in the original Caffe layer: no arccos on this path.
     """
-    if m not in _CHEBYSHEV:
-        raise ValueError(f"SphereFace `m` must be one of {SUPPORTED_M}; got {m!r}.")
+    m = check_sphereface_m("sphereface_psi", m)
     cos_m_theta = _CHEBYSHEV[m](cos_theta_y)
     k = ops.zeros_like(cos_theta_y)
     for j in range(1, m):
@@ -48,3 +63,35 @@ def sphereface_lambda(iteration, base: float, gamma: float, power: float, lambda
     """Annealing schedule ``lambda = max(lambda_min, base * (1 + gamma * iteration)^(-power))``."""
     iteration = ops.cast(iteration, "float32")
     return ops.maximum(lambda_min, base * ops.power(1.0 + gamma * iteration, -power))
+
+
+def check_sphereface_m(owner: str, m) -> int:
+    """SphereFace's margin must be an integer in ``SUPPORTED_M`` (1..4); returned as an int."""
+    if isinstance(m, bool) or m not in SUPPORTED_M:
+        raise ValueError(f"{owner}: `m` must be an integer in {SUPPORTED_M}; got {m!r}.")
+    return int(m)
+
+
+def check_sphereface_parameters(owner: str, m=DEFAULT_M, s=DEFAULT_S, lambda_=DEFAULT_LAMBDA) -> dict:
+    """The feature-normalized loss' hyper-parameters, checked: m in 1..4, s > 0, lambda_ >= 0.
+
+    Example:
+    >>> check_sphereface_parameters("SphereFaceLoss", 4, 30, 0)
+    {'m': 4, 's': 30.0, 'lambda_': 0.0}
+    """
+    return {"m": check_sphereface_m(owner, m), "s": _validation.check_scale(owner, s),
+            "lambda_": _validation.check_number(owner, "lambda_", lambda_, low=0.0)}
+
+
+def check_sphereface_schedule(owner: str, base=DEFAULT_BASE, gamma=DEFAULT_GAMMA, power=DEFAULT_POWER,
+                              lambda_min=DEFAULT_LAMBDA_MIN) -> dict:
+    """The annealing schedule's parameters, checked: base > 0, gamma >= 0, power >= 0, lambda_min >= 0.
+
+    Example:
+    >>> check_sphereface_schedule("SphereFaceHead")
+    {'base': 1000.0, 'gamma': 0.12, 'power': 1.0, 'lambda_min': 5.0}
+    """
+    return {"base": _validation.check_number(owner, "base", base, low=0.0, low_open=True),
+            "gamma": _validation.check_number(owner, "gamma", gamma, low=0.0),
+            "power": _validation.check_number(owner, "power", power, low=0.0),
+            "lambda_min": _validation.check_number(owner, "lambda_min", lambda_min, low=0.0)}

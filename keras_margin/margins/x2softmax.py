@@ -1,4 +1,9 @@
-"""X2-Softmax (Xu et al. 2023, arXiv 2312.05281, Eq. 8): a quadratic, angle-adaptive target logit."""
+"""X2-Softmax (Xu et al. 2023, arXiv 2312.05281, Eq. 8): a quadratic, angle-adaptive target logit.
+
+The objective's one definition: target function, default hyper-parameters (the authors' released training
+command: s = 64, a = -0.9, h = 0, k = 0.65) and their checks, used by ``X2SoftmaxHead``, ``X2SoftmaxLoss``
+and ``x2softmax_loss``.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,13 @@ import math
 from keras import ops
 
 from keras_margin import _validation
-
 from keras_margin.margins._clamp import clamp_cos
+
+DEFAULT_S = 64.0
+DEFAULT_A = -0.9
+DEFAULT_H = 0.0
+DEFAULT_K = 0.65
+DEFAULT_STRAIGHT_THROUGH = False
 
 
 def x2softmax_target(cos_theta_y, a: float, h: float, k: float, straight_through: bool = False):
@@ -25,11 +35,17 @@ def x2softmax_target(cos_theta_y, a: float, h: float, k: float, straight_through
     return target
 
 
-def check_x2softmax_parameters(owner: str, a, h, k, straight_through) -> tuple[float, float, float, bool]:
-    """Check X2-Softmax's hyper-parameters: a < 0 (a downward parabola), h in [0, pi), k in [-1, 1]."""
-    a = _validation.check_number(owner, "a", a, high=0.0, high_open=True)
-    h = _validation.check_number(owner, "h", h, low=0.0, high=math.pi, high_open=True)
-    k = _validation.check_number(owner, "k", k, low=-1.0, high=1.0)
-    if not isinstance(straight_through, bool):
-        raise ValueError(f"{owner}: `straight_through` must be a bool; got {straight_through!r}.")
-    return a, h, k, straight_through
+def check_x2softmax_parameters(owner: str, s=DEFAULT_S, a=DEFAULT_A, h=DEFAULT_H, k=DEFAULT_K,
+                               straight_through=DEFAULT_STRAIGHT_THROUGH) -> dict:
+    """X2-Softmax's hyper-parameters, checked: s > 0, a < 0 (a downward parabola), h in [0, pi), k in [-1, 1].
+
+    Example:
+    >>> check_x2softmax_parameters("X2SoftmaxLoss", 64, -0.9, 0, 0.65, False)
+    {'s': 64.0, 'a': -0.9, 'h': 0.0, 'k': 0.65, 'straight_through': False}
+    """
+    params = {"s": _validation.check_scale(owner, s),
+              "a": _validation.check_number(owner, "a", a, high=0.0, high_open=True),
+              "h": _validation.check_number(owner, "h", h, low=0.0, high=math.pi, high_open=True),
+              "k": _validation.check_number(owner, "k", k, low=-1.0, high=1.0)}
+    params["straight_through"] = _validation.check_bool(owner, "straight_through", straight_through)
+    return params
