@@ -107,3 +107,12 @@ def margin_softmax_loss(owner: str, y_true, cos_theta, target: TargetFn, scale):
     _validation.check_cosines(owner, cos_theta)
     class_ids = sparse_labels(owner, y_true, cos_theta.shape[-1])
     return margin_cross_entropy(cos_theta, class_ids, target, scale)
+
+
+def agent_loss(owner: str, y_true, cos_theta, objective: Callable[[Any, Any], Any]):
+    """Per-sample ``objective(cos_theta, class_ids)`` of an agent (distance) objective, with the same label
+    handling and checks as ``margin_softmax_loss``: NaN for a class id outside [0, C)."""
+    _validation.check_cosines(owner, cos_theta)
+    class_ids = sparse_labels(owner, y_true, cos_theta.shape[-1])
+    per_sample = objective(ops.cast(cos_theta, "float32"), class_ids)
+    return ops.where(_valid(class_ids, cos_theta.shape[-1]), per_sample, float("nan"))

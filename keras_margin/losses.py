@@ -12,7 +12,7 @@ import keras
 from keras import ops
 
 from keras_margin import _keras_private, _validation
-from keras_margin.core import margin_softmax_loss
+from keras_margin.core import agent_loss, margin_softmax_loss
 from keras_margin.margins import (
     amsoftmax,
     amsoftmax_target,
@@ -20,6 +20,7 @@ from keras_margin.margins import (
     arcface_target,
     combined_margin_target,
     normface,
+    normface_agents,
     normface_scale_lower_bound,
     normface_target,
     sphereface,
@@ -42,6 +43,10 @@ __all__ = [
     "x2softmax_loss",
     "arcface_loss",
     "combined_margin_loss",
+    "CContrastiveLoss",
+    "CTripletLoss",
+    "c_contrastive_loss",
+    "c_triplet_loss",
     "normface_scale_lower_bound",
 ]
 
@@ -639,4 +644,158 @@ class CombinedMarginLoss(MarginLoss):
                  m2: float = arcface.COMBINED_DEFAULT_M2, m3: float = arcface.COMBINED_DEFAULT_M3, *,
                  reduction="sum_over_batch_size", name="combined_margin_loss", dtype=None):
         super().__init__(**arcface.check_combined_margin_parameters("CombinedMarginLoss", s, m1, m2, m3),
+                         reduction=reduction, name=name, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# NormFace's agent objectives: distances to the class weight columns ("agents"), D = 2 - 2 cos.
+
+
+@_function_doc
+def c_contrastive_loss(y_true, cos_theta, margin: float = normface_agents.C_CONTRASTIVE_MARGIN):
+    """NormFace's C-contrastive loss: pull the own agent in, push every other one beyond the margin.
+
+    Formula:
+    ```
+    D_ij = ||x~_i - W~_j||^2 = 2 - 2 cos(theta_ij)
+    loss_i = D_{i,y} + sum_{j != y} max(0, margin - D_ij)      (every negative summed, no mining)
+    ```
+    ``margin=0`` leaves the pull alone: NormFace's normalized "softmax + center" term.
+
+    Args:
+{{function_args}}
+        margin: Float, the negatives' margin on the squared distance, in [0, 4]. Defaults to `1.0`.
+
+{{returns}}
+
+    Example:
+    >>> import keras, numpy as np
+    >>> loss = c_contrastive_loss(np.array([0]), np.array([[0.9, 0.8, -0.5]], "float32"))
+    >>> np.round(keras.ops.convert_to_numpy(loss), 4)     # D = 0.2 (pull) + max(0, 1 - 0.4) (push)
+    array([0.8], dtype=float32)
+
+    Reference:
+        Wang et al., "NormFace: L2 Hypersphere Embedding for Face Verification", ACM MM 2017,
+        arXiv:1704.06369 (Sec. 4, Eq. 10). Authors' code: https://github.com/happynear/NormFace
+        (layer GeneralContrastiveLoss of https://github.com/happynear/caffe-windows, branch ms).
+    """
+    params = normface_agents.check_c_contrastive_parameters("c_contrastive_loss", margin)
+    return agent_loss("c_contrastive_loss", y_true, cos_theta,
+                      lambda cos, ids: normface_agents.c_contrastive(cos, ids, params["margin"]))
+
+
+@_function_doc
+def c_triplet_loss(y_true, cos_theta, margin: float = normface_agents.C_TRIPLET_MARGIN,
+                   center: bool = normface_agents.C_TRIPLET_CENTER):
+    """NormFace's C-triplet loss against the nearest negative agent, with the released config's center pull.
+
+    Formula:
+    ```
+    D_ij = 2 - 2 cos(theta_ij),  k* = argmin_{j != y} D_ij
+    loss_i = max(0, margin + D_{i,y} - D_{i,k*})           the value, with and without center
+    gradient (center=True):  that of D_{i,y} - [loss_i > 0] * D_{i,k*}  (Caffe's add_center_loss)
+    ```
+    The reported value is the hinge alone in both cases, as the Caffe layer reports it; with ``center=True``
+    the own-class distance is pulled in also when the hinge is inactive, and counted once when it is active.
+
+    Args:
+{{function_args}}
+        margin: Float, the triplet margin on the squared distance, in [0, 4]. Defaults to `0.8`.
+        center: Bool, add the always-on pull of the own agent (the released config). Defaults to `True`.
+
+{{returns}}
+
+    Example:
+    >>> import keras, numpy as np
+    >>> loss = c_triplet_loss(np.array([0]), np.array([[0.9, 0.8, -0.5]], "float32"))
+    >>> np.round(keras.ops.convert_to_numpy(loss), 4)     # max(0, 0.8 + 0.2 - 0.4)
+    array([0.6], dtype=float32)
+
+    Reference:
+        Wang et al., "NormFace: L2 Hypersphere Embedding for Face Verification", ACM MM 2017,
+        arXiv:1704.06369 (Sec. 4, Eq. 11). Authors' code: https://github.com/happynear/NormFace
+        (layer GeneralTripletLoss of https://github.com/happynear/caffe-windows, branch ms).
+    """
+    params = normface_agents.check_c_triplet_parameters("c_triplet_loss", margin, center)
+    return agent_loss("c_triplet_loss", y_true, cos_theta,
+                      lambda cos, ids: normface_agents.c_triplet(cos, ids, params["margin"], params["center"]))
+
+
+@_loss_doc
+@keras.saving.register_keras_serializable(package="keras_margin")
+class CContrastiveLoss(MarginLoss):
+    """NormFace's C-contrastive loss on a head's cosines (the class weight columns are the agents).
+
+    Formula:
+    ```
+    D_ij = 2 - 2 cos(theta_ij)
+    loss_i = D_{i,y} + sum_{j != y} max(0, margin - D_ij)
+    ```
+    Accuracy metrics keep working on the cosines: the largest cosine is the nearest agent.
+
+    Args:
+        margin: Float, the negatives' margin on the squared distance, in [0, 4]. Defaults to `1.0`.
+{{loss_args}}
+
+{{call_args}}
+
+    Example:
+    >>> import numpy as np
+    >>> loss = CContrastiveLoss()
+    >>> loss.margin
+    1.0
+    >>> round(float(loss(np.array([0]), np.array([[0.9, 0.8, -0.5]], "float32"))), 4)
+    0.8
+
+    Reference:
+        Wang et al., "NormFace: L2 Hypersphere Embedding for Face Verification", ACM MM 2017,
+        arXiv:1704.06369 (Sec. 4, Eq. 10). Authors' code: https://github.com/happynear/NormFace
+    """
+
+    fn = staticmethod(c_contrastive_loss)
+
+    def __init__(self, margin: float = normface_agents.C_CONTRASTIVE_MARGIN, *, reduction="sum_over_batch_size",
+                 name="c_contrastive_loss", dtype=None):
+        super().__init__(**normface_agents.check_c_contrastive_parameters("CContrastiveLoss", margin),
+                         reduction=reduction, name=name, dtype=dtype)
+
+
+@_loss_doc
+@keras.saving.register_keras_serializable(package="keras_margin")
+class CTripletLoss(MarginLoss):
+    """NormFace's C-triplet loss on a head's cosines: the nearest negative agent, optionally the center pull.
+
+    Formula:
+    ```
+    D_ij = 2 - 2 cos(theta_ij),  k* = argmin_{j != y} D_ij
+    loss_i = max(0, margin + D_{i,y} - D_{i,k*})
+    center=True: gradient of D_{i,y} - [loss_i > 0] * D_{i,k*}; the value reported is the hinge alone
+    ```
+
+    Args:
+        margin: Float, the triplet margin on the squared distance, in [0, 4]. Defaults to `0.8`.
+        center: Bool, add the always-on pull of the own agent (the released config). Defaults to `True`.
+{{loss_args}}
+
+{{call_args}}
+
+    Example:
+    >>> import numpy as np
+    >>> loss = CTripletLoss()
+    >>> loss.margin, loss.center
+    (0.8, True)
+    >>> round(float(loss(np.array([0]), np.array([[0.9, 0.8, -0.5]], "float32"))), 4)
+    0.6
+
+    Reference:
+        Wang et al., "NormFace: L2 Hypersphere Embedding for Face Verification", ACM MM 2017,
+        arXiv:1704.06369 (Sec. 4, Eq. 11). Authors' code: https://github.com/happynear/NormFace
+    """
+
+    fn = staticmethod(c_triplet_loss)
+
+    def __init__(self, margin: float = normface_agents.C_TRIPLET_MARGIN,
+                 center: bool = normface_agents.C_TRIPLET_CENTER, *, reduction="sum_over_batch_size",
+                 name="c_triplet_loss", dtype=None):
+        super().__init__(**normface_agents.check_c_triplet_parameters("CTripletLoss", margin, center),
                          reduction=reduction, name=name, dtype=dtype)

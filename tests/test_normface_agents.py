@@ -2,10 +2,13 @@
 transcription of the paper's Eqs. 10-11 and the Caffe layers' gradients, written with explicit loops here.
 """
 
+import keras
 import numpy as np
 import pytest
 from keras import ops
 
+from keras_margin import NormFaceHead
+from keras_margin.losses import CContrastiveLoss, CTripletLoss
 from keras_margin.margins.normface_agents import c_contrastive, c_triplet
 from tests.numpy_reference import central_difference
 from tests.test_losses_reference import as_numpy, gradient_wrt_cos
@@ -139,3 +142,63 @@ def test_c_triplet_center_pulls_samples_whose_hinge_is_inactive():
     without = gradient_wrt_cos(lambda y, c: ops.sum(c_triplet(c, y, 0.8, False)), labels, cos)
     np.testing.assert_allclose(with_center, [[-2.0, 0.0, 0.0]])
     np.testing.assert_allclose(without, [[0.0, 0.0, 0.0]])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loss classes: what model.compile takes.
+# ----------------------------------------------------------------------------------------------------------
+LOSSES = {
+    "c_contrastive": (lambda: CContrastiveLoss(margin=1.0), lambda c, y: reference_c_contrastive(c, y, 1.0)),
+    "c_triplet": (lambda: CTripletLoss(margin=0.8), lambda c, y: reference_c_triplet(c, y, 0.8)),
+    "c_triplet_plain": (lambda: CTripletLoss(margin=0.8, center=False), lambda c, y: reference_c_triplet(c, y, 0.8)),
+}
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_loss_class_mean_matches_reference_for_sparse_and_one_hot_labels(name):
+    make, reference = LOSSES[name]
+    cos, labels = _inputs(seed=4)
+    want = reference(cos, labels).mean()
+    sparse = float(make()(labels, cos.astype("float32")))
+    one_hot = float(make()(np.eye(cos.shape[1], dtype="float32")[labels], cos.astype("float32")))
+    np.testing.assert_allclose([sparse, one_hot], [want, want], rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_loss_class_config_round_trip(name):
+    loss = LOSSES[name][0]()
+    restored = keras.losses.deserialize(keras.losses.serialize(loss))
+    assert type(restored) is type(loss) and restored.get_config() == loss.get_config()
+
+
+def test_out_of_range_ids_are_refused_eagerly():
+    with pytest.raises(ValueError, match=r"class ids must be in \[0, 3\)"):
+        CContrastiveLoss()(np.array([3]), np.zeros((1, 3), "float32"))
+
+
+@pytest.mark.parametrize("bad", [dict(margin=-0.1), dict(margin=5.0), dict(center=1)])
+def test_bad_hyper_parameters_are_named(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        CTripletLoss(**bad)
+
+
+@pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16"])
+@pytest.mark.parametrize("name", LOSSES)
+def test_training_on_a_separable_problem_converges_under_xla(name, precision, tmp_path):
+    keras.mixed_precision.set_global_policy(precision)
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(4, 8)) * 3
+    y = rng.integers(0, 4, size=256)
+    x = (centers[y] + rng.normal(size=(256, 8)) * 0.3).astype("float32")
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(8), NormFaceHead(4)])
+    model.compile(keras.optimizers.Adam(0.05), loss=LOSSES[name][0](), metrics=["sparse_categorical_accuracy"],
+                  jit_compile=True)
+    first = model.evaluate(x, y, verbose=0)[0]
+    history = model.fit(x, y, epochs=8, batch_size=32, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    assert history.history["loss"][-1] < first
+    assert history.history["sparse_categorical_accuracy"][-1] > 0.95  # argmax cosine = nearest agent
+    path = tmp_path / "agents.keras"
+    model.save(path)
+    restored = keras.saving.load_model(path)
+    assert type(restored.loss) is type(model.loss) and restored.loss.get_config() == model.loss.get_config()

@@ -10,10 +10,36 @@ from __future__ import annotations
 
 from keras import ops
 
-__all__ = ["agent_distances", "c_contrastive", "c_triplet", "C_CONTRASTIVE_MARGIN", "C_TRIPLET_MARGIN"]
+from keras_margin import _validation
+
+__all__ = ["agent_distances", "c_contrastive", "c_triplet", "check_c_contrastive_parameters",
+           "check_c_triplet_parameters", "C_CONTRASTIVE_MARGIN", "C_TRIPLET_MARGIN", "C_TRIPLET_CENTER"]
 
 C_CONTRASTIVE_MARGIN = 1.0  # paper and released configs (negative_margin: 1)
 C_TRIPLET_MARGIN = 0.8  # released config (margin: 0.8, hardest_only: true)
+C_TRIPLET_CENTER = True  # released config (add_center_loss: true, also the proto default)
+
+
+def check_c_contrastive_parameters(owner: str, margin=C_CONTRASTIVE_MARGIN) -> dict:
+    """C-contrastive's hyper-parameter, checked: margin in [0, 4] (squared unit distances lie in [0, 4]).
+
+    Example:
+    >>> check_c_contrastive_parameters("CContrastiveLoss", 1)
+    {'margin': 1.0}
+    """
+    return {"margin": _validation.check_number(owner, "margin", margin, low=0.0, high=4.0)}
+
+
+def check_c_triplet_parameters(owner: str, margin=C_TRIPLET_MARGIN, center=C_TRIPLET_CENTER) -> dict:
+    """C-triplet's hyper-parameters, checked: margin in [0, 4], center a bool.
+
+    Example:
+    >>> check_c_triplet_parameters("CTripletLoss", 0.8, True)
+    {'margin': 0.8, 'center': True}
+    """
+    if not isinstance(center, bool):
+        raise ValueError(f"{owner}: `center` must be a bool; got {center!r}.")
+    return {"margin": _validation.check_number(owner, "margin", margin, low=0.0, high=4.0), "center": center}
 
 
 def agent_distances(cos_theta):
