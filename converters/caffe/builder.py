@@ -30,8 +30,11 @@ ProgressFn = Callable[[int, int, str], None]
 class BuildContext:
     """What handlers get besides their layer: unique Keras names and which blobs the model needs."""
 
-    def __init__(self, plan: Plan):
+    def __init__(self, plan: Plan, input_contract: dict | None = None):
         self.plan = plan
+        #: the caller's ``input_contract=`` (keyword arguments of ``InputContract``), or None
+        self.input_contract = input_contract
+        self.contracts: list = []  # the InputContract layers handlers added after the model's image inputs
         self._taken: set[str] = set()
         self.created: dict[str, list[str]] = {}  # Caffe layer name -> Keras layer names given to it
 
@@ -111,9 +114,43 @@ def _load_weights(layer: PlannedLayer, caffemodel: Caffemodel) -> list[np.ndarra
     return [array.reshape(shape) for array, shape in zip(arrays, layer.weight_shapes)]
 
 
-def build_model(plan: Plan, caffemodel: Caffemodel | None = None, progress: ProgressFn | None = None) -> Conversion:
-    """Build the Keras model of ``plan`` (weights from ``caffemodel`` where the plan found them)."""
-    ctx = BuildContext(plan)
+def _contract_arguments(input_contract) -> dict | None:
+    """``input_contract=`` (an ``InputContract`` layer or a mapping of its arguments) as a dict of arguments."""
+    if input_contract is None:
+        return None
+    from keras_margin.input_contract import InputContract
+
+    keys = ("pixels", "channel_order", "mean", "scale", "flip_in_model", "source")
+    if isinstance(input_contract, InputContract):
+        config = input_contract.get_config()
+        given = {key: config[key] for key in keys if key != "flip_in_model"}
+        if not given["source"]:
+            given.pop("source")
+        return given
+    if not isinstance(input_contract, Mapping):
+        raise ConversionError(f"input_contract= must be a dict of InputContract arguments (e.g. "
+                              f"{{'pixels': 'normalized', 'mean': 128, 'scale': 0.0078125}}) or an InputContract; "
+                              f"got {type(input_contract).__name__}")
+    unknown = sorted(set(input_contract) - set(keys))
+    if unknown:
+        raise ConversionError(f"input_contract= has unknown keys {unknown}; allowed: {list(keys)}")
+    given = dict(input_contract)
+    try:  # the values are checked here, before any layer is built
+        InputContract(**{"pixels": "normalized", **given})
+    except (TypeError, ValueError) as error:
+        raise ConversionError(f"input_contract= is invalid: {error}") from None
+    return given
+
+
+def build_model(plan: Plan, caffemodel: Caffemodel | None = None, progress: ProgressFn | None = None,
+                input_contract: Mapping | None = None) -> Conversion:
+    """Build the Keras model of ``plan`` (weights from ``caffemodel`` where the plan found them).
+
+    ``input_contract`` (a mapping of ``InputContract`` arguments, or one) is what the caller knows about the
+    image input when the prototxt does not say (see ``load_caffe_model``).
+    """
+    given = _contract_arguments(input_contract)
+    ctx = BuildContext(plan, given)
     tensors: dict = {}
     model_inputs, notes, heads = [], [], []
     total = len(plan.layers)
@@ -146,6 +183,8 @@ def build_model(plan: Plan, caffemodel: Caffemodel | None = None, progress: Prog
             heads.append(_describe_head(layer))
         if progress is not None:
             progress(done, total, layer.name)
+    if given is not None and not ctx.contracts:
+        raise ConversionError("input_contract= was given but the net has no image (N, C, H, W) input to record it for")
     missing = [top for top in plan.outputs if top not in tensors]
     if missing:
         raise ConversionError(f"outputs {missing} were not built")
@@ -181,10 +220,11 @@ def _describe_head(layer: PlannedLayer) -> str:
 
 def convert(prototxt: str | os.PathLike | CaffeNet, caffemodel: str | os.PathLike | Caffemodel | None = None,
             phase: str = "TEST", *, input_shape: Sequence[int] | Mapping[str, Sequence[int]] | None = None,
-            progress: ProgressFn | None = None) -> Conversion:
+            progress: ProgressFn | None = None, input_contract: Mapping | None = None) -> Conversion:
     """Convert a Caffe net and return the model with its plan, heads, notes and warnings.
 
     Args: as ``load_caffe_model``, plus ``progress(done, total, layer_name)`` called after each layer.
+    The image input's ``InputContract`` is in ``conversion.notes`` (``"input 'data': ..."``).
 
     Example:
     >>> import tempfile, os
@@ -200,12 +240,13 @@ def convert(prototxt: str | os.PathLike | CaffeNet, caffemodel: str | os.PathLik
     net = prototxt if isinstance(prototxt, CaffeNet) else read_prototxt(prototxt)
     weights = caffemodel if (caffemodel is None or isinstance(caffemodel, Caffemodel)) else read_caffemodel(caffemodel)
     plan = plan_net(net, weights, phase, input_shape)
-    return build_model(plan, weights, progress)
+    return build_model(plan, weights, progress, input_contract=input_contract)
 
 
 def load_caffe_model(prototxt: str | os.PathLike, caffemodel: str | os.PathLike | None = None,
                      phase: str = "TEST", *,
-                     input_shape: Sequence[int] | Mapping[str, Sequence[int]] | None = None) -> keras.Model:
+                     input_shape: Sequence[int] | Mapping[str, Sequence[int]] | None = None,
+                     input_contract: Mapping | None = None) -> keras.Model:
     """Convert a Caffe .prototxt (+ .caffemodel) into a Keras model computing what Caffe computes.
 
     Args:
@@ -217,8 +258,18 @@ def load_caffe_model(prototxt: str | os.PathLike, caffemodel: str | os.PathLike 
             ``AMSoftmaxHead``, MarginInnerProduct a ``SphereFaceHead``; heads output cos(theta) and are
             compiled with ``loss=head.loss``.
         input_shape: (C, H, W) of the input, or {blob name: (C, H, W)}, when the prototxt's data layer does
-            not give the image size (e.g. ImageData without new_height/new_width).
+            not give the image size (e.g. ImageData without new_height/new_width). Defaults to None.
+        input_contract: what the caller applies to images before the model, for a net whose prototxt does not
+            say (a deploy net with an ``Input`` layer or ``input_dim``): a dict of ``InputContract`` arguments,
+            e.g. ``{"mean": 128, "scale": 0.0078125}`` (``pixels`` defaults to "normalized", ``channel_order``
+            to "bgr" for a 3-channel input), or an ``InputContract``. Defaults to None: such a net's contract
+            says ``pixels="unknown"``. A TRAIN/TEST data layer's transform_param is recorded from the
+            prototxt (``pixels="raw"``: the model normalizes itself); an ``input_contract`` contradicting it is
+            an error. ``flip_in_model`` is always read from the graph (a Flip concatenated with the input
+            along the batch axis).
 
+    Every image input is followed by an ``keras_margin.InputContract`` layer recording this (read it with
+    ``keras_margin.find_input_contract(model)``); ``keras-margin verify`` and ``export`` use it.
     Tensors are NHWC: a Caffe blob (N, C, H, W) is (N, H, W, C) in Keras. Raises ``ConversionError``;
     emits ``CaffeWarning`` for unknown prototxt fields, missing weights and layers converted literally.
 
@@ -235,7 +286,7 @@ def load_caffe_model(prototxt: str | os.PathLike, caffemodel: str | os.PathLike 
     >>> model(np.arange(4, dtype="float32").reshape(1, 1, 1, 4)).numpy().tolist()
     [[0.0, 1.0]]
     """
-    conversion = convert(prototxt, caffemodel, phase, input_shape=input_shape)
+    conversion = convert(prototxt, caffemodel, phase, input_shape=input_shape, input_contract=input_contract)
     for message in conversion.warnings:
         warnings.warn(message, CaffeWarning, stacklevel=2)
     return conversion.model

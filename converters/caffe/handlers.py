@@ -23,6 +23,7 @@ from converters.caffe.layers import (
     Subsample2D,
 )
 from converters.caffe.registry import Built, Handler, PlannedLayer, register
+from converters.caffe.registry import lookup as registry_lookup
 from converters.caffe.shapes import canonical_axis, keras_axis, keras_shape
 
 __all__ = ["filler_initializer", "to_caffe_order", "from_caffe_order", "DATA_LAYER_TYPES"]
@@ -145,6 +146,80 @@ def _check_positive(layer: PlannedLayer, shape, what: str):
 DATA_LAYER_TYPES = ("Data", "ImageData", "MemoryData", "HDF5Data", "DummyData", "WindowData")
 
 
+#: Data layers that decode images (so their data are pixels 0..255 before the transform).
+_DECODING_DATA_TYPES = ("Data", "ImageData", "WindowData", "MemoryData")
+
+
+def _caffe_channel_order(shape) -> str:
+    """Caffe reads colour images with OpenCV, so a 3-channel image input is BGR; others have no order."""
+    return "bgr" if len(shape) == 4 and shape[1] == 3 else "rgb"
+
+
+def mirror_in_model(plan, blob_id: str) -> bool:
+    """Whether the net adds the mirror image itself: a Flip layer (width only) of ``blob_id`` whose output is
+    concatenated with ``blob_id`` along the batch axis (the AM-Softmax deploy net's Flip + Concat axis 0).
+
+    Read from the graph (layer handlers and blob ids), not from layer names.
+    """
+    mirrors = set()
+    for layer in plan.layers:
+        if isinstance(registry_lookup(layer.type), FlipHandler) and layer.bottoms == [blob_id]:
+            p = layer.param.flip_param
+            if p.flip_width and not p.flip_height and len(layer.input_shapes[0]) == 4:
+                mirrors.update(layer.tops)
+    if not mirrors:
+        return False
+    for layer in plan.layers:
+        if isinstance(registry_lookup(layer.type), ConcatHandler) and blob_id in layer.bottoms \
+                and mirrors.intersection(layer.bottoms) and _concat_axis(layer) == 0:
+            return True
+    return False
+
+
+def _add_input_contract(ctx, layer: PlannedLayer, index: int, tensor, recorded: dict, notes: list):
+    """``tensor`` (a model input) through an ``InputContract`` layer: what the prototxt says (``recorded``),
+    completed or overridden by the caller's ``input_contract=`` where the prototxt says nothing, and
+    ``flip_in_model`` read from the graph. Appends the contract to ``notes``."""
+    from keras_margin.input_contract import InputContract
+
+    top = layer.top_names[index]
+    contract = dict(recorded, flip_in_model=mirror_in_model(ctx.plan, layer.tops[index]))
+    given = getattr(ctx, "input_contract", None)
+    if given is not None:
+        given = dict(given)
+        if "flip_in_model" in given and bool(given["flip_in_model"]) != contract["flip_in_model"]:
+            raise layer.error(
+                f"input_contract= says flip_in_model={given['flip_in_model']} but the net "
+                f"{'does' if contract['flip_in_model'] else 'does not'} concatenate input '{top}' with its Flip "
+                "along the batch axis; drop flip_in_model from input_contract= (the converter reads it from the graph)")
+        if recorded["pixels"] != "unknown":
+            keys = ("pixels", "channel_order", "mean", "scale")
+            differs = [key for key in keys if key in given and _as_tuple(given[key]) != _as_tuple(recorded[key])]
+            if differs:
+                raise layer.error(
+                    f"input_contract= gives {', '.join(f'{key}={given[key]!r}' for key in differs)} but the "
+                    f"prototxt's data layer already records {', '.join(f'{key}={recorded[key]!r}' for key in differs)} "
+                    f"for input '{top}'; drop input_contract= (it is for nets whose prototxt does not say)")
+        else:
+            given.setdefault("pixels", "normalized")
+            given.setdefault("source", "input_contract= given to the Caffe converter")
+            contract.update({key: value for key, value in given.items() if key != "flip_in_model"})
+    try:
+        contract_layer = InputContract(**contract, name=ctx.name(layer, f"{top}_contract" if index else "contract"))
+    except (TypeError, ValueError) as error:
+        raise layer.error(f"input_contract= is invalid: {error}") from None
+    notes.append(f"input '{top}': {contract_layer.describe()}")
+    if isinstance(getattr(ctx, "contracts", None), list):
+        ctx.contracts.append(contract_layer)
+    return contract_layer(tensor)
+
+
+def _as_tuple(value):
+    if isinstance(value, (list, tuple)):
+        return tuple(float(v) for v in value) if len(value) != 1 else (float(value[0]),)
+    return (float(value),) if isinstance(value, (int, float)) and not isinstance(value, bool) else (value,)
+
+
 def _input_tensor(ctx, layer: PlannedLayer, index: int, shape):
     name = ctx.name_for_blob(layer.top_names[index])
     return keras.Input(shape=keras_shape(shape)[1:], name=name)
@@ -185,13 +260,17 @@ class InputHandler(Handler):
         return out
 
     def build(self, ctx, layer, inputs, weights):
-        outputs, created = [], []
+        outputs, created, notes = [], [], []
         for index, (top, shape) in enumerate(zip(layer.tops, layer.output_shapes)):
             tensor = _input_tensor(ctx, layer, index, shape) if ctx.needed(top) else None
             if tensor is not None:
                 created.append(tensor)
+                if len(shape) == 4:  # an image: record what it must be (nothing in the prototxt says)
+                    contract = {"pixels": "unknown", "channel_order": _caffe_channel_order(shape),
+                                "source": f"Caffe input '{layer.top_names[index]}', which has no data layer"}
+                    tensor = _add_input_contract(ctx, layer, index, tensor, contract, notes)
             outputs.append(tensor)
-        return Built(outputs, model_inputs=created)
+        return Built(outputs, model_inputs=created, notes=notes)
 
 
 @register(*DATA_LAYER_TYPES)
@@ -250,14 +329,28 @@ class DataHandler(Handler):
         if len(means) not in (0, 1) and len(means) != channels:
             raise layer.error(f"{len(means)} mean_value entries for {channels} channels; give 1 or one per channel")
         scale = float(transform.scale)
-        tensor = raw
-        if means or scale != 1.0:
+        transformed = bool(means) or scale != 1.0
+        top = layer.top_names[0]
+        if len(shape) == 4:
+            source = f"Caffe {layer.type} layer '{layer.name}'" + (" transform_param" if transformed else "")
+            contract = {"pixels": "raw", "channel_order": _caffe_channel_order(shape),
+                        "mean": means or 0.0, "scale": scale, "source": source}
+            if transform.mean_file:  # the model cannot say what the caller must subtract
+                contract.update(pixels="unknown", source=f"{source}: mean_file '{transform.mean_file}' is not "
+                                                         "applied by the model")
+            elif not transformed and layer.type not in _DECODING_DATA_TYPES:
+                contract.update(pixels="unknown", source=f"Caffe {layer.type} layer '{layer.name}' (it does not "
+                                                         "decode images, so nothing says what its data are)")
+            tensor = _add_input_contract(ctx, layer, 0, raw, contract, notes)
+        else:
+            tensor = raw
+        if transformed:
             offset = [-m * scale for m in means] if len(means) > 1 else -(means[0] if means else 0.0) * scale
-            tensor = keras.layers.Rescaling(scale=scale, offset=offset, name=ctx.name(layer, "preprocess"))(raw)
+            tensor = keras.layers.Rescaling(scale=scale, offset=offset, name=ctx.name(layer, "preprocess"))(tensor)
             mean_text = f"{means if len(means) > 1 else means[0] if means else 0}"
-            notes.append(f"input '{layer.top_names[0]}' takes raw pixels; the model applies (x - {mean_text}) * {scale:g}")
+            notes.append(f"input '{top}' takes raw pixels; the model applies (x - {mean_text}) * {scale:g}")
         if channels == 3:
-            notes.append(f"input '{layer.top_names[0]}': channels in BGR order (Caffe reads images with OpenCV)")
+            notes.append(f"input '{top}': channels in BGR order (Caffe reads images with OpenCV)")
         if transform.mean_file:
             notes.append(f"layer '{layer.name}': mean_file '{transform.mean_file}' is not applied; subtract it yourself")
         if transform.crop_size:
@@ -991,10 +1084,6 @@ class LabelSpecificAddHandler(Handler):
                             "is not in the model (no AMSoftmaxHead pattern was found around it)"])
 
 
-def _margin_type_m(layer) -> int:
-    return int(layer.param.margin_inner_product_param.type) + 1  # SINGLE=0 -> m=1 ... QUADRUPLE=3 -> m=4
-
-
 @register("MarginInnerProduct")
 class MarginInnerProductHandler(Handler):
     """Label-free logits ``x . w_hat`` (Caffe's non-label columns) as a Dense layer; used when SphereFace's
@@ -1039,8 +1128,6 @@ class MarginInnerProductHandler(Handler):
 class _HeadHandler(Handler):
     """A fused margin head: called on the embedding alone, it outputs cos(theta) (batch, num_classes)."""
 
-    head_class = ""
-
     def output_shapes(self, layer):
         return [(None, layer.attrs["num_classes"])]
 
@@ -1071,8 +1158,6 @@ class _HeadHandler(Handler):
 
 @register("keras_margin.AMSoftmaxHead")
 class AMSoftmaxHeadHandler(_HeadHandler):
-    head_class = "AMSoftmaxHead"
-
     def make_head(self, margin_layers, layer, name, **kwargs):
         return margin_layers.AMSoftmaxHead(layer.attrs["num_classes"], s=layer.attrs["s"], m=layer.attrs["m"],
                                            name=name, **kwargs)
@@ -1080,24 +1165,18 @@ class AMSoftmaxHeadHandler(_HeadHandler):
 
 @register("keras_margin.NormFaceHead")
 class NormFaceHeadHandler(_HeadHandler):
-    head_class = "NormFaceHead"
-
     def make_head(self, margin_layers, layer, name, **kwargs):
         return margin_layers.NormFaceHead(layer.attrs["num_classes"], s=layer.attrs["s"], name=name, **kwargs)
 
 
 @register("keras_margin.CosineDense")
 class CosineDenseHandler(_HeadHandler):
-    head_class = "CosineDense"
-
     def make_head(self, margin_layers, layer, name, **kwargs):
         return margin_layers.CosineDense(layer.attrs["num_classes"], name=name, **kwargs)
 
 
 @register("keras_margin.SphereFaceHead")
 class SphereFaceHeadHandler(_HeadHandler):
-    head_class = "SphereFaceHead"
-
     def make_head(self, margin_layers, layer, name, **kwargs):
         a = layer.attrs
         return margin_layers.SphereFaceHead(a["num_classes"], m=a["m"], base=a["base"], gamma=a["gamma"],

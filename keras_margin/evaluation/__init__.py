@@ -3,10 +3,11 @@ EER / TAR@FAR / 10-fold accuracy and the ROC plot. No module here imports Tensor
 
 Example:
 >>> from keras_margin.evaluation import Preprocessing, evaluate_lfw                 # doctest: +SKIP
->>> report = evaluate_lfw(model, "pairs.txt", "lfw-112x96", flip=True, roc="roc.png")  # doctest: +SKIP
+>>> report = evaluate_lfw(model, "pairs.txt", "lfw-112x96", roc="roc.png")               # doctest: +SKIP
 >>> print(report.summary())                                                          # doctest: +SKIP
 """
 
+from keras_margin.evaluation.contract import PreprocessingWarning, Resolved, resolve_preprocessing
 from keras_margin.evaluation.embeddings import compute_embeddings, cosine_scores, l2_normalize
 from keras_margin.evaluation.images import Preprocessing, load_image, load_images
 from keras_margin.evaluation.lfw import evaluate_lfw
@@ -30,6 +31,8 @@ __all__ = [
     "Pair",
     "PairsFileError",
     "Preprocessing",
+    "PreprocessingWarning",
+    "Resolved",
     "VerificationReport",
     "auc",
     "best_threshold",
@@ -45,6 +48,7 @@ __all__ = [
     "parse_pairs",
     "plot_roc",
     "read_pairs",
+    "resolve_preprocessing",
     "roc_auc",
     "roc_curve",
     "tar_at_far",

@@ -5,6 +5,7 @@ net's flip trick (feature of the image plus feature of its mirror, then L2 norma
 from __future__ import annotations
 
 import os
+import warnings
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
@@ -42,8 +43,9 @@ def cosine_scores(first: np.ndarray, second: np.ndarray) -> np.ndarray:
 
 
 def compute_embeddings(model: "keras.Model", images: np.ndarray | Sequence[str | os.PathLike], *,
-                       batch_size: int = 64, flip: bool = False, normalize: bool = True,
-                       preprocessing: Preprocessing = Preprocessing(), progress: bool = True) -> np.ndarray:
+                       batch_size: int = 64, flip: bool | None = None, normalize: bool = True,
+                       preprocessing: Preprocessing | None = None, progress: bool = True,
+                       ignore_contract: bool = False) -> np.ndarray:
     """Run ``model`` over ``images`` in batches and return one embedding row per image.
 
     Formula:
@@ -51,19 +53,27 @@ def compute_embeddings(model: "keras.Model", images: np.ndarray | Sequence[str |
     flip=False:  e = f(x)                  (divided by |f(x)| when normalize=True)
     flip=True:   e = (f(x) + f(mirror(x))) / |f(x) + f(mirror(x))|       mirror: reverse the width axis
     ```
-    ``flip=True`` is the feature of the AM-Softmax ``face_deploy_mirror_normalize`` net; use it with a model
-    that does not flip by itself (a model converted from that deploy prototxt already does).
+    ``flip=True`` is the feature of the AM-Softmax ``face_deploy_mirror_normalize`` net; a model that flips by
+    itself (its ``InputContract`` says ``flip_in_model``, as a model converted from that deploy prototxt) is
+    never flipped outside. Image files are prepared per the model's ``InputContract`` completed by
+    ``preprocessing`` (``resolve_preprocessing``): a step the model does itself is not applied twice
+    (``PreprocessingWarning``), an option contradicting the contract is a ``ValueError``.
 
     Args:
         model: a Keras model mapping (batch, H, W, C) to (batch, ...) embeddings; use
             ``keras_margin.export.embedding_model`` to drop a margin head first.
         images: model inputs (N, H, W, C) as an array (used as they are), or image file paths (decoded batch
             by batch and prepared with ``preprocessing``).
-        batch_size: images per model call (default 64; with flip each call holds the images and their mirrors).
-        flip: add the mirror image's feature, then L2-normalize (default False).
-        normalize: L2-normalize the embeddings (default True; always on with flip).
-        preprocessing: how image files become model input (ignored for arrays).
-        progress: show a ``keras.utils.Progbar`` (default True).
+        batch_size: images per model call; with flip each call holds the images and their mirrors.
+            Defaults to 64.
+        flip: add the mirror image's feature, then L2-normalize; None: not given (no flip). Never applied to a
+            model whose contract says it flips itself. Defaults to None.
+        normalize: L2-normalize the embeddings (always on with flip). Defaults to True.
+        preprocessing: how image files become model input; its None fields come from the model's
+            ``InputContract`` (ignored for arrays). Defaults to None (all from the contract).
+        progress: show a ``keras.utils.Progbar``. Defaults to True.
+        ignore_contract: use ``preprocessing`` and ``flip`` as given (unset: RGB, mean 0, scale 1, no flip),
+            whatever the model records. Defaults to False.
 
     Example:
     >>> import numpy as np, keras
@@ -81,6 +91,16 @@ def compute_embeddings(model: "keras.Model", images: np.ndarray | Sequence[str |
         raise ValueError("compute_embeddings: no images given")
     if not from_files and images.ndim != 4:
         raise ValueError(f"compute_embeddings: images must be (N, H, W, C); got shape {images.shape}")
+    from keras_margin.evaluation.contract import PreprocessingWarning, resolve_preprocessing
+
+    if from_files:
+        resolved = resolve_preprocessing(model, preprocessing, flip, ignore_contract=ignore_contract)
+    else:  # arrays are model input already: only the flip decision depends on the contract
+        resolved = resolve_preprocessing(model, Preprocessing(channel_order="rgb", mean=0.0, scale=1.0), flip,
+                                         ignore_contract=ignore_contract)
+    for message in resolved.warnings:
+        warnings.warn(f"compute_embeddings: {message}", PreprocessingWarning, stacklevel=2)
+    flip, preprocessing = resolved.flip, resolved.preprocessing
     bar = keras.utils.Progbar(count, unit_name="image", verbose=1 if progress else 0)
     rows = []
     for start in range(0, count, batch_size):

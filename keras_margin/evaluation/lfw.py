@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -22,34 +23,44 @@ __all__ = ["evaluate_lfw"]
 
 
 def evaluate_lfw(model: "keras.Model", pairs: str | os.PathLike, images: str | os.PathLike, *,
-                 flip: bool = False, preprocessing: Preprocessing = Preprocessing(), ext: str = "jpg",
+                 flip: bool | None = None, preprocessing: Preprocessing | None = None, ext: str = "jpg",
                  batch_size: int = 64, fars: Sequence[float] = DEFAULT_FARS, roc: str | os.PathLike | None = None,
-                 progress: bool = True) -> VerificationReport:
+                 progress: bool = True, ignore_contract: bool = False) -> VerificationReport:
     """Face-verification figures of ``model`` on an LFW-style pairs file.
 
     Each distinct image is embedded once (``compute_embeddings``: the embedding part of the model, i.e. the
     layers before a margin head; with the flip trick when ``flip``); a pair's score is the cosine of its two
-    embeddings; ``verification_report`` turns the scores into the figures.
+    embeddings; ``verification_report`` turns the scores into the figures. The images are prepared per the
+    model's ``InputContract`` completed by ``preprocessing`` and ``flip`` (``resolve_preprocessing``: a step the
+    model does itself is never applied twice, an option contradicting the contract is a ``ValueError``).
 
     Args:
         model: a Keras model; a margin head and label inputs are dropped (``keras_margin.export.embedding_model``).
         pairs: the pairs file (``pairs.txt`` of View 2, a View 1 file, or a header-less list).
         images: the images folder: ``<images>/<name>/<name>_<4-digit number>.<ext>``.
-        flip: feature of the image plus feature of its mirror, then L2 normalization (default False).
-        preprocessing: size, channel order, mean and scale that turn the files into model input.
-        ext: image file extension (default "jpg").
-        batch_size: images per model call (default 64).
-        fars: FAR targets for TAR@FAR (default 1e-1 ... 1e-6).
-        roc: write the ROC plot to this PNG (needs matplotlib).
-        progress: show a progress bar (default True).
+        flip: feature of the image plus feature of its mirror, then L2 normalization; None: not given (no
+            flip; never outside a model that flips itself). Defaults to None.
+        preprocessing: size, channel order, mean and scale that turn the files into model input; None fields
+            (all, for None) come from the model's ``InputContract``. Defaults to None.
+        ext: image file extension. Defaults to "jpg".
+        batch_size: images per model call. Defaults to 64.
+        fars: FAR targets for TAR@FAR. Defaults to 1e-1 ... 1e-6.
+        roc: write the ROC plot to this PNG (needs matplotlib). Defaults to None.
+        progress: show a progress bar. Defaults to True.
+        ignore_contract: use ``preprocessing`` and ``flip`` as given, whatever the model records. Defaults to
+            False.
 
     Raises:
         PairsFileError: a malformed pairs file or a missing image, naming the file and line.
+        ValueError: ``preprocessing`` contradicts the model's ``InputContract``.
 
     Example:
+    >>> report = evaluate_lfw(model, "lfw/pairs.txt", "lfw-112x96")   # doctest: +SKIP
+    >>> print(report.summary())                                        # doctest: +SKIP
+
+    A model without a contract (or whose contract says ``pixels="unknown"``) needs the normalization given:
     >>> report = evaluate_lfw(model, "lfw/pairs.txt", "lfw-112x96", flip=True,   # doctest: +SKIP
     ...                       preprocessing=Preprocessing(channel_order="bgr", mean=128.0, scale=1 / 128))
-    >>> print(report.summary())                                                    # doctest: +SKIP
     """
     from keras_margin.export.embedding import embedding_model
 
@@ -60,12 +71,17 @@ def evaluate_lfw(model: "keras.Model", pairs: str | os.PathLike, images: str | o
             import matplotlib  # noqa: F401
         except ImportError:
             raise ImportError("plotting the ROC needs matplotlib, which is not installed: pip install matplotlib") from None
+    from keras_margin.evaluation.contract import PreprocessingWarning, resolve_preprocessing
+
+    resolved = resolve_preprocessing(model, preprocessing, flip, ignore_contract=ignore_contract)
+    for message in resolved.warnings:
+        warnings.warn(f"evaluate_lfw: {message}", PreprocessingWarning, stacklevel=2)
     pairs_path = Path(pairs)
     parsed = read_pairs(pairs_path, ext=ext)
     paths = image_paths(parsed, images, source=str(pairs_path))
     index = {path.relative_to(Path(images)).as_posix(): row for row, path in enumerate(paths)}
-    embeddings = compute_embeddings(embedding_model(model), paths, batch_size=batch_size, flip=flip,
-                                    preprocessing=preprocessing, progress=progress)
+    embeddings = compute_embeddings(embedding_model(model), paths, batch_size=batch_size, flip=resolved.flip,
+                                    preprocessing=resolved.preprocessing, progress=progress, ignore_contract=True)
     first = embeddings[[index[pair.first] for pair in parsed]]
     second = embeddings[[index[pair.second] for pair in parsed]]
     scores = cosine_scores(first, second)

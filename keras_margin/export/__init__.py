@@ -7,13 +7,24 @@ Example:
 """
 
 from keras_margin.export.embedding import embedding_model, find_head
-from keras_margin.export.loading import load_model
+from keras_margin.export.loading import load_inputs, load_model
 from keras_margin.export.onnx_export import export_onnx
-from keras_margin.export.parity import TOLERANCES, ParityReport, compare, run_onnx, run_tflite, sample_inputs
+from keras_margin.export.parity import (
+    SPREAD_FACTOR,
+    TOLERANCES,
+    ParityReport,
+    compare,
+    probe_inputs,
+    run_onnx,
+    run_tflite,
+    sample_inputs,
+    spread,
+)
 from keras_margin.export.tflite_export import QUANTIZE_OPTIONS, export_tflite
 
 __all__ = [
     "ParityReport",
+    "SPREAD_FACTOR",
     "QUANTIZE_OPTIONS",
     "TOLERANCES",
     "compare",
@@ -21,8 +32,11 @@ __all__ = [
     "export_onnx",
     "export_tflite",
     "find_head",
+    "load_inputs",
     "load_model",
+    "probe_inputs",
     "run_onnx",
     "run_tflite",
     "sample_inputs",
+    "spread",
 ]

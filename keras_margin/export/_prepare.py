@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from keras_margin.export.embedding import embedding_model, find_head
-from keras_margin.export.parity import sample_inputs
+from keras_margin.export.parity import probe_inputs
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -26,6 +26,7 @@ class Prepared:
     output_name: str
     specs: list = field(default_factory=list)  # tf.TensorSpec per input, batch dimension None
     inputs: list[np.ndarray] = field(default_factory=list)  # the parity-check batch
+    probe: str = ""  # what the parity-check batch is
 
     def call_signature(self) -> list:
         """``input_signature`` for a model called on one tensor, or on a list of them."""
@@ -67,8 +68,9 @@ def prepare(model: "keras.Model", include_head: bool, inputs: np.ndarray | Seque
     for tensor, name in zip(part.inputs, names):
         specs.append(tf.TensorSpec((None, *tensor.shape[1:]), tf.as_dtype(str(tensor.dtype)), name=name))
     if inputs is None:
-        batch = sample_inputs(part, batch_size, seed)
+        batch, probe = probe_inputs(part, batch_size, seed)
     else:
+        probe = "the inputs given"
         batch = [inputs] if isinstance(inputs, np.ndarray) or not isinstance(inputs, (list, tuple)) else list(inputs)
         if len(batch) != len(specs):
             raise ValueError(f"export: the model takes {len(specs)} input(s) {names}; inputs= gives {len(batch)}")
@@ -81,4 +83,4 @@ def prepare(model: "keras.Model", include_head: bool, inputs: np.ndarray | Seque
             checked.append(value)
         batch = checked
     output_name = "cos_theta" if (include_head and find_head(model) is not None) else "embedding"
-    return Prepared(model=part, input_names=names, output_name=output_name, specs=specs, inputs=batch)
+    return Prepared(model=part, input_names=names, output_name=output_name, specs=specs, inputs=batch, probe=probe)
