@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from converters.caffe import convert, write_caffemodel
+from converters.caffe.reader import parse_prototxt
 from tests.caffe_nets import (
     AMSOFTMAX_DIR,
     SHARED_MISSING,
@@ -19,8 +21,6 @@ from tests.caffe_nets import (
     nhwc,
     opencv_forward,
 )
-from converters.caffe import convert, write_caffemodel
-from converters.caffe.reader import parse_prototxt
 
 SOURCES = ["generated", "shared"]
 DEPLOY_FILE, TRAIN_FILE = "face_deploy_mirror_normalize.prototxt", "face_train_test.prototxt"

@@ -92,3 +92,21 @@ def test_installed_command_reports_errors_without_a_traceback(tmp_path):
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert errors == [errors[0]] and "layer 'act' (Mish): no handler for 1 layer(s)" in errors[0]
+
+
+def test_convert_records_the_deploy_contract_given_on_the_command_line(tmp_path):
+    import keras
+
+    from keras_margin import find_input_contract
+    from keras_margin_cli import main
+
+    prototxt = tmp_path / "tiny.prototxt"
+    prototxt.write_text('input: "data" input_dim: 1 input_dim: 3 input_dim: 8 input_dim: 6\n'
+                        'layer { name: "fc" type: "InnerProduct" bottom: "data" top: "fc" '
+                        'inner_product_param { num_output: 4 weight_filler { type: "xavier" } } }\n')
+    output = tmp_path / "tiny.keras"
+    assert main(["convert", str(prototxt), "-o", str(output), "--mean", "127.5", "--scale", "0.0078125", "--rgb",
+                 "--quiet"]) == 0
+    contract = find_input_contract(keras.saving.load_model(output))
+    assert (contract.pixels, contract.channel_order, contract.mean, contract.scale) == \
+        ("normalized", "rgb", (127.5,), 0.0078125)

@@ -7,13 +7,20 @@ Small Face-ResNet-20 variants keep these fast.
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
 
-import keras
-from tests.caffe_nets import face_resnet20_blobs, face_resnet20_prototxt, face_resnet20_trunk, l2_normalize_rows, nhwc, write_net
 from converters.caffe import convert, parity_report, write_caffemodel
 from converters.caffe.reader import parse_prototxt
+from tests.caffe_nets import (
+    face_resnet20_blobs,
+    face_resnet20_prototxt,
+    face_resnet20_trunk,
+    l2_normalize_rows,
+    nhwc,
+    write_net,
+)
 
 SMALL = dict(widths=(8, 8, 16, 16), embedding=16, input_hw=(28, 24))
 

@@ -61,6 +61,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--atol", type=float, default=1e-4,
                         help="parity tolerance: a blob diverges when max abs error > atol + atol * max|ref| "
                              "(default 1e-4)")
+    contract = parser.add_argument_group(
+        "input contract", "record the preprocessing a deploy net expects (its prototxt cannot say); verify and "
+        "export then apply it. A TRAIN data layer's transform_param is recorded without these.")
+    contract.add_argument("--mean", type=float, default=None,
+                          help="pixel mean the model's input was normalized with, e.g. 128 (AM-Softmax)")
+    contract.add_argument("--scale", type=float, default=None,
+                          help="factor applied after the mean, e.g. 0.0078125 (AM-Softmax)")
+    order = contract.add_mutually_exclusive_group()
+    order.add_argument("--bgr", dest="channel_order", action="store_const", const="bgr", default=None,
+                       help="the input is in BGR order (the default for 3-channel Caffe input)")
+    order.add_argument("--rgb", dest="channel_order", action="store_const", const="rgb",
+                       help="the input is in RGB order")
     parser.add_argument("--report", action="store_true", help="print the parity table of every blob")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -156,7 +168,10 @@ def _run(args: argparse.Namespace) -> int:
         if initial:  # OpenCV needs weights: give both sides the model's initial ones
             caffemodel = initial_weights_caffemodel(net, os.path.join(scratch, "initial.caffemodel"), args.phase,
                                                     input_shape)
-        conversion = convert(net, caffemodel, args.phase, input_shape=input_shape, progress=progress)
+        given = {key: value for key, value in (("mean", args.mean), ("scale", args.scale),
+                                               ("channel_order", args.channel_order)) if value is not None}
+        conversion = convert(net, caffemodel, args.phase, input_shape=input_shape, progress=progress,
+                             input_contract=given or None)
         converted = time.perf_counter() - started
         timing = {}
 

@@ -352,7 +352,8 @@ class DataHandler(Handler):
         if channels == 3:
             notes.append(f"input '{top}': channels in BGR order (Caffe reads images with OpenCV)")
         if transform.mean_file:
-            notes.append(f"layer '{layer.name}': mean_file '{transform.mean_file}' is not applied; subtract it yourself")
+            notes.append(f"layer '{layer.name}': mean_file '{transform.mean_file}' is not applied; "
+                         "subtract it yourself")
         if transform.crop_size:
             notes.append(f"input '{layer.top_names[0]}': centre-crop images to {transform.crop_size} before calling")
         outputs = [tensor]
@@ -388,7 +389,8 @@ class ConvolutionHandler(Handler):
             raise layer.error("convolution_param.num_output is required")
         if c % p.group or p.num_output % p.group:
             raise layer.error(f"group {p.group} must divide both the {c} input and {p.num_output} output channels")
-        out = [shapes.conv_output_size(size, k, s, q, d) for size, k, s, q, d in zip((h, w), kernel, stride, pad, dilation)]
+        out = [shapes.conv_output_size(size, k, s, q, d)
+               for size, k, s, q, d in zip((h, w), kernel, stride, pad, dilation)]
         return [_check_positive(layer, (n, p.num_output, *out), "the output")] * len(layer.tops)
 
     def weight_shapes(self, layer):

@@ -70,7 +70,8 @@ def evaluate_lfw(model: "keras.Model", pairs: str | os.PathLike, images: str | o
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            raise ImportError("plotting the ROC needs matplotlib, which is not installed: pip install matplotlib") from None
+            raise ImportError("plotting the ROC needs matplotlib, which is not installed: "
+                              "pip install matplotlib") from None
     from keras_margin.evaluation.contract import PreprocessingWarning, resolve_preprocessing
 
     resolved = resolve_preprocessing(model, preprocessing, flip, ignore_contract=ignore_contract)

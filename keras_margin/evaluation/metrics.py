@@ -258,7 +258,8 @@ class VerificationReport:
         accuracy  100.00% +- 0.00% (2-fold, threshold chosen on the other folds; 4 genuine / 4 impostor pairs)
         """
         lines = [
-            f"accuracy  {100 * self.accuracy:.2f}% +- {100 * self.accuracy_std:.2f}% ({self.fold_accuracies.size}-fold, "
+            f"accuracy  {100 * self.accuracy:.2f}% +- {100 * self.accuracy_std:.2f}% "
+            f"({self.fold_accuracies.size}-fold, "
             f"threshold chosen on the other folds; {self.genuine} genuine / {self.impostor} impostor pairs)",
             f"AUC       {self.auc:.6f}",
             f"EER       {100 * self.eer:.2f}% (threshold {self.eer_threshold:.4f})",

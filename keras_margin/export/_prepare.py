@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from keras_margin import _keras_private
 from keras_margin.export.embedding import embedding_model, find_head
 from keras_margin.export.parity import probe_inputs
 
@@ -36,7 +37,7 @@ class Prepared:
 def _input_names(model) -> list[str]:
     names, taken = [], set()
     for index, tensor in enumerate(model.inputs):
-        layer_name = getattr(tensor._keras_history.operation, "name", "") or ""
+        layer_name = getattr(_keras_private.keras_history(tensor).operation, "name", "") or ""
         name = re.sub(r"[^A-Za-z0-9_]", "_", layer_name)
         if not name or _AUTO_NAME.match(name) or not name[0].isalpha():
             name = "input" if len(model.inputs) == 1 else f"input_{index}"

@@ -6,26 +6,22 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from keras_margin import _keras_private
+
 if TYPE_CHECKING:  # pragma: no cover
     import keras
 
 __all__ = ["find_head", "embedding_model"]
 
 
-def _graph(model):
-    """The Functional graph of a Functional or Sequential model, or None (subclassed model)."""
-    graph = getattr(model, "_functional", None) or model  # Sequential keeps its graph in _functional
-    return graph if hasattr(graph, "_nodes_by_depth") else None
-
-
 def _head_nodes(model):
     from keras_margin.layers import CosineDense
 
-    graph = _graph(model)
-    if graph is None:
+    by_depth = _keras_private.nodes_by_depth(model)
+    if by_depth is None:
         return None
     nodes = []
-    for depth, depth_nodes in graph._nodes_by_depth.items():
+    for depth, depth_nodes in by_depth.items():
         nodes.extend((depth, node) for node in depth_nodes if isinstance(node.operation, CosineDense))
     return nodes
 
@@ -33,7 +29,7 @@ def _head_nodes(model):
 def _nested_head(model):
     from keras_margin.layers import CosineDense
 
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+    for layer in _keras_private.flatten_layers(model, include_self=False, recursive=True):
         if isinstance(layer, CosineDense):
             return layer
     return None
@@ -66,8 +62,8 @@ def _ancestor_inputs(tensor, model_inputs):
         if id(current) in wanted:
             found.add(id(current))
             continue
-        operation, node_index, _ = current._keras_history
-        node = operation._inbound_nodes[node_index]
+        operation, node_index, _ = _keras_private.keras_history(current)
+        node = _keras_private.inbound_nodes(operation)[node_index]
         if id(node) in seen:
             continue
         seen.add(id(node))
