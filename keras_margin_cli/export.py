@@ -55,10 +55,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "contract)")
 
 
-def _error(message: object) -> int:
-    return fail(PROG, message)
-
-
 def run(args: argparse.Namespace) -> int:
     """Run ``keras-margin export`` with parsed ``args``; returns the exit code.
 
@@ -70,20 +66,20 @@ def run(args: argparse.Namespace) -> int:
     2
     """
     if not args.onnx and not args.tflite:
-        return _error("nothing to do: give --onnx FILE.onnx and/or --tflite FILE.tflite")
+        return fail(PROG, "nothing to do: give --onnx FILE.onnx and/or --tflite FILE.tflite")
     quantize = None if args.quantize == "none" else args.quantize
     if quantize and not args.tflite:
-        return _error(f"--quantize {args.quantize} applies to the TFLite file; give --tflite FILE.tflite "
+        return fail(PROG, f"--quantize {args.quantize} applies to the TFLite file; give --tflite FILE.tflite "
                       "(ONNX is always exported in float32)")
     if args.batch_size < 1:
-        return _error(f"--batch-size must be >= 1; got {args.batch_size}")
+        return fail(PROG, f"--batch-size must be >= 1; got {args.batch_size}")
     for option, path, suffix in (("--onnx", args.onnx, ".onnx"), ("--tflite", args.tflite, ".tflite")):
         if path is None:
             continue
         if Path(path).suffix != suffix:
-            return _error(f"{option} {path}: the file name must end in {suffix}")
+            return fail(PROG, f"{option} {path}: the file name must end in {suffix}")
         if not Path(path).resolve().parent.is_dir():
-            return _error(f"{option} {path}: the folder {Path(path).parent} does not exist")
+            return fail(PROG, f"{option} {path}: the folder {Path(path).parent} does not exist")
 
     from keras_margin.export.embedding import embedding_model, find_head
     from keras_margin.export.loading import load_inputs, load_model
@@ -93,13 +89,13 @@ def run(args: argparse.Namespace) -> int:
         head = find_head(model)
         part = embedding_model(model, include_head=args.include_head)
     except (FileNotFoundError, ValueError) as error:
-        return _error(str(error))
+        return fail(PROG, str(error))
     inputs, described = None, None
     if args.inputs is not None:
         try:
             inputs, described = load_inputs(part, args.inputs, args.batch_size)
         except (FileNotFoundError, ValueError) as error:
-            return _error(f"--inputs {error}")
+            return fail(PROG, f"--inputs {error}")
     what = ("the whole model with the head's cos(theta) output" if args.include_head and head is not None else
             f"the embedding part (inputs -> the input of {type(head).__name__} '{head.name}')" if head is not None
             else "the whole model (it has no margin head)")
@@ -122,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
             reports.append(export_tflite(model, args.tflite, quantize=quantize, include_head=args.include_head,
                                          inputs=inputs, batch_size=args.batch_size, verbose=True))
     except (FileNotFoundError, ValueError, RuntimeError, TypeError) as error:
-        return _error(str(error))
+        return fail(PROG, str(error))
     failed = [report for report in reports if not report.within_tolerance()]
     for report in failed:
         print(f"PARITY CHECK FAILED: {report.format} {report.precision} differs from Keras beyond tolerance")

@@ -78,10 +78,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _error(message: object) -> int:
-    return fail(PROG, message)
-
-
 def run(args: argparse.Namespace) -> int:
     """Run ``keras-margin verify`` with parsed ``args``; returns the exit code.
 
@@ -100,14 +96,14 @@ def run(args: argparse.Namespace) -> int:
     from keras_margin.export.loading import load_model
 
     if args.batch_size < 1:
-        return _error(f"--batch-size must be >= 1; got {args.batch_size}")
+        return fail(PROG, f"--batch-size must be >= 1; got {args.batch_size}")
     if any(not 0.0 <= far <= 1.0 for far in args.far or ()):
-        return _error(f"--far values must be in [0, 1]; got {args.far}")
+        return fail(PROG, f"--far values must be in [0, 1]; got {args.far}")
     for option, path in (("--roc", args.roc), ("--json", args.json)):
         if path is not None and not Path(path).resolve().parent.is_dir():
-            return _error(f"{option} {path}: the folder {Path(path).parent} does not exist")
+            return fail(PROG, f"{option} {path}: the folder {Path(path).parent} does not exist")
     if args.scale is not None and args.scale <= 0:
-        return _error(f"--scale must be > 0; got {args.scale:g}")
+        return fail(PROG, f"--scale must be > 0; got {args.scale:g}")
     try:
         given = Preprocessing(size=args.size, channel_order=args.channel_order, mean=args.mean, scale=args.scale)
         # The cheap checks first: a bad pairs file or a missing image should not wait for the model.
@@ -118,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         resolved = resolve_preprocessing(model, given, args.flip, ignore_contract=args.ignore_contract,
                                          names=CLI_NAMES)
     except (PairsFileError, FileNotFoundError, ValueError, ImportError) as error:
-        return _error(str(error))
+        return fail(PROG, str(error))
     for message in resolved.warnings:
         print(f"{PROG}: warning: {' '.join(message.split())}", file=sys.stderr)
     print(f"preprocessing  {resolved.description}")
@@ -128,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
                               fars=args.far or DEFAULT_FARS, roc=args.roc, progress=not args.quiet,
                               ignore_contract=True)
     except (PairsFileError, FileNotFoundError, ValueError, ImportError) as error:
-        return _error(str(error))
+        return fail(PROG, str(error))
     print(f"{args.model} on {args.pairs}{' (flip)' if resolved.flip else ''}")
     print(report.summary())
     if args.roc:
@@ -150,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
             with open(args.json, "w") as handle:
                 json.dump(figures, handle, indent=2)
         except OSError as error:
-            return _error(f"{args.json}: cannot write: {error.strerror}")
+            return fail(PROG, f"{args.json}: cannot write: {error.strerror}")
         print(f"figures   {args.json}")
     return 0
 
