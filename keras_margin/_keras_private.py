@@ -28,17 +28,19 @@ __all__ = [
 #: The Keras release these private APIs were checked against.
 KERAS_VERSION_CHECKED = "3.15"
 
-try:
-    from keras.src.backend.common.symbolic_scope import in_symbolic_scope as _in_symbolic_scope
-except ImportError:  # pragma: no cover - a Keras without the private module
-    _in_symbolic_scope = None
+# Nothing here imports Keras at module level: keras_margin.export and .evaluation import this module and must
+# stay framework-free until used (``keras-margin --help``).
 
 
 def in_symbolic_scope() -> bool:
     """Whether Keras is tracing on placeholder tensors (its symbolic build of the compiled loss, e.g. under
     ``tf.distribute``), where the labels are Keras' own float placeholders, not the user's. False when the
     private API is missing (the callers then check everything, as outside the scope)."""
-    return bool(_in_symbolic_scope()) if _in_symbolic_scope is not None else False
+    try:
+        from keras.src.backend.common.symbolic_scope import in_symbolic_scope as _in_symbolic_scope
+    except ImportError:  # pragma: no cover - a Keras without the private module
+        return False
+    return bool(_in_symbolic_scope())
 
 
 def flatten_layers(model, include_self: bool = True, recursive: bool = True) -> list:
