@@ -12,8 +12,10 @@ from keras_margin.input_contract import InputContract, find_input_contract
 from keras_margin.layers import (
     AMSoftmaxHead,
     ArcFaceHead,
+    CombinedMarginHead,
     CosineDense,
     MarginHead,
+    NormFaceContrastiveHead,
     NormFaceHead,
     SphereFaceHead,
     X2SoftmaxHead,
@@ -41,9 +43,11 @@ _register_plugin_layers()
 __all__ = [
     "AMSoftmaxHead",
     "ArcFaceHead",
+    "CombinedMarginHead",
     "CosineDense",
     "InputContract",
     "MarginHead",
+    "NormFaceContrastiveHead",
     "NormFaceHead",
     "SphereFaceHead",
     "X2SoftmaxHead",

@@ -11,13 +11,15 @@ import keras
 from keras import initializers, ops
 
 from keras_margin import _validation, chunked, losses, sampling
-from keras_margin.core import cosine_matrix, margin_logits, sparse_labels
+from keras_margin.core import cosine_matrix, margin_cross_entropy, margin_logits, margin_softmax_loss, sparse_labels
 from keras_margin.margins import (
     amsoftmax,
     amsoftmax_target,
     arcface,
     arcface_target,
+    combined_margin_target,
     normface,
+    normface_agents,
     normface_target,
     sphereface,
     sphereface_lambda,
@@ -34,6 +36,8 @@ __all__ = [
     "AMSoftmaxHead",
     "X2SoftmaxHead",
     "ArcFaceHead",
+    "CombinedMarginHead",
+    "NormFaceContrastiveHead",
 ]
 
 
@@ -248,6 +252,7 @@ class MarginHead(CosineDense):
             )
         if self.sample_rate < 1.0:
             self.seed_generator = keras.random.SeedGenerator()
+        losses.register_head(self)
 
     @property
     def num_classes(self) -> int:
@@ -327,6 +332,19 @@ class MarginHead(CosineDense):
         return config
 
 
+class _AtLeast(keras.constraints.Constraint):
+    """Projects a weight onto ``w >= floor`` after each update (Caffe's Scale ``min_value``)."""
+
+    def __init__(self, floor: float):
+        self.floor = floor
+
+    def __call__(self, w):
+        return ops.maximum(w, ops.cast(self.floor, w.dtype))
+
+    def get_config(self):
+        return {"floor": self.floor}
+
+
 @_document_head
 @keras.saving.register_keras_serializable(package="keras_margin")
 class NormFaceHead(MarginHead):
@@ -334,15 +352,22 @@ class NormFaceHead(MarginHead):
 
     Formula:
     ```
-    z_j = s * cos(theta_j)    for all j (no margin); s fixed or learned (learn_scale=True)
+    z_j = s * cos(theta_j)    for all j (no margin); s fixed, or learned with s >= scale_min
     ```
-    ``loss``: ``NormFaceLoss(s)``.
+    ``loss``: ``NormFaceLoss(s)``; with ``learn_scale=True`` a ``HeadLoss`` that reads the learned s, so
+    ``compile(loss=head.loss)`` trains s in a Sequential model too.
+
+    The learned scale follows the released config (``scaled_cosine_softmax.prototxt``: a Caffe ``Scale``
+    layer with one scalar, initial value 10, ``min_value: 0.01``): the scalar is clamped to ``scale_min``
+    where it is used and projected back onto ``s >= scale_min`` after each optimizer step, as the Caffe
+    layer clamps its blob before each forward pass.
 
     Args:
         num_classes: Integer, the number of classes, >= 2.
         s: Float, the scale, or its initial value when learned, > 0. Defaults to `30.0`.
-        learn_scale: Boolean; learn s as a trainable scalar (label-aware form only, since the
-            cosine-path loss cannot see the learned value). Defaults to `False`.
+        learn_scale: Boolean; learn s as a trainable scalar weight `scale_weight`. Defaults to `False`.
+        scale_min: Float > 0 or `None`; the floor of a learned s (`None`: no floor). Defaults to `0.01`
+            (the released config's `min_value`).
 {{head_args}}
 
 {{call_forms}}
@@ -364,35 +389,42 @@ class NormFaceHead(MarginHead):
     """
 
     def __init__(self, num_classes: int, s: float = normface.DEFAULT_S,
-                 learn_scale: bool = normface.DEFAULT_LEARN_SCALE, **kwargs):
-        params = normface.check_normface_parameters(type(self).__name__, s)
+                 learn_scale: bool = normface.DEFAULT_LEARN_SCALE, scale_min: float | None = normface.DEFAULT_SCALE_MIN,
+                 **kwargs):
+        owner = type(self).__name__
+        params = normface.check_normface_parameters(owner, s)
         super().__init__(num_classes, s=params["s"], **kwargs)
-        self.learn_scale = _validation.check_bool(type(self).__name__, "learn_scale", learn_scale)
+        self.learn_scale = _validation.check_bool(owner, "learn_scale", learn_scale)
+        self.scale_min = normface.check_scale_min(owner, scale_min, self.s if self.learn_scale else None)
 
     def build(self, input_shape):
         super().build(input_shape)
         if self.learn_scale:
             self.scale_weight = self.add_weight(
-                name="scale", shape=(), initializer=initializers.Constant(self.s), trainable=True
+                name="scale", shape=(), initializer=initializers.Constant(self.s), trainable=True,
+                constraint=None if self.scale_min is None else _AtLeast(self.scale_min),
             )
 
-    def scale(self, x):
-        return ops.cast(self.scale_weight, "float32") if self.learn_scale else self.s
+    def scale(self, x=None):
+        if not self.learn_scale:
+            return self.s
+        s = ops.cast(self.scale_weight, "float32")
+        return s if self.scale_min is None else ops.maximum(s, self.scale_min)
 
     def target(self, cos_theta_y):
         return normface_target(cos_theta_y)
 
+    def cosine_loss(self, y_true, cos_theta):
+        """Per-sample loss of (labels, cosines) with the head's current (learned) scale: ``HeadLoss`` calls it."""
+        return margin_softmax_loss(type(self).__name__, y_true, cos_theta, normface_target, self.scale())
+
     def make_loss(self):
         if self.learn_scale:
-            raise ValueError(
-                "NormFaceHead(learn_scale=True): the learned scale lives in the head, which the cosine-path "
-                "loss cannot see. Use the label-aware form head([x, labels]) with "
-                "keras.losses.SparseCategoricalCrossentropy(from_logits=True), or learn_scale=False."
-            )
+            return losses.HeadLoss(self)
         return losses.NormFaceLoss(s=self.s)
 
     def get_config(self):
-        return {**super().get_config(), "learn_scale": self.learn_scale}
+        return {**super().get_config(), "learn_scale": self.learn_scale, "scale_min": self.scale_min}
 
 
 @_document_head
@@ -485,18 +517,38 @@ class SphereFaceHead(MarginHead):
 @_document_head
 @keras.saving.register_keras_serializable(package="keras_margin")
 class AMSoftmaxHead(MarginHead):
-    """AM-Softmax / CosFace head (Wang et al. 2018, arXiv 1801.05599, Eq. 4).
+    """AM-Softmax / CosFace head (Wang et al. 2018, arXiv 1801.05599, Eq. 4), optionally as the Caffe layer runs it.
 
     Formula:
     ```
     z_y = s * (cos(theta_y) - m),  z_j = s * cos(theta_j)  (j != y)
+    margin_rule="caffe":  z_y = s * cos(theta_y) where cos(theta_y) <= m     (LabelSpecificAdd)
+    margin_schedule:      m = -clip(bias_base + (1 + bias_gamma * it)^bias_power - 1, bias_min, bias_max)
     ```
-    ``loss``: ``AMSoftmaxLoss(s, m)``.
+    ``loss``: ``AMSoftmaxLoss(s, m, margin_rule)``; with a schedule, a ``HeadLoss`` that reads the head's
+    current margin.
+
+    The released layer (``LabelSpecificAdd``, happynear/caffe-windows, branch ms) adds ``bias = -m`` to the
+    target cosine only where that keeps it positive, with an identity backward pass; ``margin_rule="caffe"``
+    reproduces it, the default ``"paper"`` is Eq. 4. Its annealed margin (the repository's
+    ``face_train_test_wo_fn.prototxt``: bias_gamma -5e-5, bias_min -0.4, so m grows from 0 to 0.4 over
+    8,000 steps) is ``margin_schedule``, a dict of the layer's field names. The counter ``iteration`` is a
+    non-trainable int32 variable saved with the model; a training call computes the margin from it FIRST
+    and then adds 1 (the layer's order, the opposite of SphereFace's), so the first step uses it = 0. The
+    margin in use is kept in the non-trainable variable ``margin`` (the layer's second top). Every training
+    path follows the schedule: ``head([x, labels], training=True)`` (dense logits, or the fused, chunked or
+    class-sampled loss), and ``head(x, training=True)`` with ``loss=head.loss`` in a Sequential model.
 
     Args:
         num_classes: Integer, the number of classes, >= 2.
         s: Float, the scale, > 0. Defaults to `30.0`.
-        m: Float, the additive cosine margin, in [0, 1]. Defaults to `0.35`.
+        m: Float, the additive cosine margin, in [0, 1]; not used while a `margin_schedule` is set (as the
+            layer ignores `bias` when `bias_base` is set). Defaults to `0.35`.
+        margin_rule: `"paper"` (the margin everywhere) or `"caffe"` (only where cos(theta_y) > m).
+            Defaults to `"paper"`.
+        margin_schedule: `None` (a fixed m) or a dict with the Caffe fields `bias_base`, `bias_gamma`,
+            `bias_power`, `bias_min`, `bias_max` (missing ones take the proto defaults 0, 0, 1, 0, 0;
+            -1 <= bias_min <= bias_max <= 0). Defaults to `None`.
 {{head_args}}
 
 {{call_forms}}
@@ -510,6 +562,12 @@ class AMSoftmaxHead(MarginHead):
            [0.   , 3.571, 7.071]], dtype=float32)
     >>> round(float(head.loss(y, head(x))), 4)
     1.7668
+    >>> annealed = AMSoftmaxHead(3, margin_rule="caffe", margin_schedule={"bias_gamma": -0.1, "bias_min": -0.35})
+    >>> for step in range(3):
+    ...     logits = annealed([x, y], training=True)
+    >>> state = keras.ops.convert_to_numpy(annealed.margin), keras.ops.convert_to_numpy(annealed.iteration)
+    >>> round(float(state[0]), 4), int(state[1])
+    (0.2, 3)
 
     Reference:
         Wang et al., "Additive Margin Softmax for Face Verification", IEEE SPL 2018, arXiv:1801.05599
@@ -518,19 +576,62 @@ class AMSoftmaxHead(MarginHead):
     """
 
     def __init__(self, num_classes: int, s: float = amsoftmax.DEFAULT_S, m: float = amsoftmax.DEFAULT_M,
-                 **kwargs):
-        params = amsoftmax.check_amsoftmax_parameters(type(self).__name__, s, m)
+                 margin_rule: str = amsoftmax.DEFAULT_MARGIN_RULE, margin_schedule: dict | None = None, **kwargs):
+        owner = type(self).__name__
+        params = amsoftmax.check_amsoftmax_parameters(owner, s, m, margin_rule)
         super().__init__(num_classes, s=params["s"], **kwargs)
-        self.m = params["m"]
+        self.m, self.margin_rule = params["m"], params["margin_rule"]
+        self.margin_schedule = amsoftmax.check_margin_schedule(owner, margin_schedule)
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        if self.margin_schedule is not None:
+            self.iteration = self.add_weight(
+                name="iteration", shape=(), dtype="int32", initializer="zeros", trainable=False
+            )
+            start = float(keras.ops.convert_to_numpy(amsoftmax.scheduled_margin(0, **self.margin_schedule)))
+            self.margin = self.add_weight(
+                name="margin", shape=(), dtype="float32", initializer=initializers.Constant(start), trainable=False
+            )
+
+    def current_margin(self):
+        """The margin the objective uses now: m, or the schedule's latest value (the ``margin`` variable)."""
+        return self.m if self.margin_schedule is None else ops.cast(self.margin, "float32")
 
     def target(self, cos_theta_y):
-        return amsoftmax_target(cos_theta_y, self.m)
+        return amsoftmax_target(cos_theta_y, self.current_margin(), self.margin_rule)
+
+    def advance_schedule(self):
+        """One training step of the schedule: the margin from the counter as it is, then the counter + 1."""
+        margin = amsoftmax.scheduled_margin(self.iteration, **self.margin_schedule)
+        self.margin.assign(margin)
+        self.iteration.assign_add(1)
+        return margin
+
+    def training_target(self):
+        if self.margin_schedule is None:
+            return self.target
+        margin = self.advance_schedule()
+        return lambda cos_theta_y: amsoftmax_target(cos_theta_y, margin, self.margin_rule)
+
+    def call(self, inputs, training=None):
+        # The cosine form in training (Sequential + head.loss) advances the schedule; the loss reads `margin`.
+        if training and self.margin_schedule is not None and not isinstance(inputs, (list, tuple)):
+            self.advance_schedule()
+        return super().call(inputs, training=training)
+
+    def cosine_loss(self, y_true, cos_theta):
+        """Per-sample loss of (labels, cosines) with the head's current margin: ``HeadLoss`` calls it."""
+        return margin_softmax_loss(type(self).__name__, y_true, cos_theta, self.target, self.s)
 
     def make_loss(self):
-        return losses.AMSoftmaxLoss(s=self.s, m=self.m)
+        if self.margin_schedule is not None:
+            return losses.HeadLoss(self)
+        return losses.AMSoftmaxLoss(s=self.s, m=self.m, margin_rule=self.margin_rule)
 
     def get_config(self):
-        return {**super().get_config(), "m": self.m}
+        return {**super().get_config(), "m": self.m, "margin_rule": self.margin_rule,
+                "margin_schedule": self.margin_schedule}
 
 
 @_document_head
@@ -636,3 +737,168 @@ class ArcFaceHead(MarginHead):
 
     def get_config(self):
         return {**super().get_config(), "m": self.m}
+
+
+@_document_head
+@keras.saving.register_keras_serializable(package="keras_margin")
+class CombinedMarginHead(MarginHead):
+    """InsightFace's combined margin head (ArcFace paper, arXiv 1801.07698, Eq. 4), with a monotone fallback.
+
+    Formula:
+    ```
+    z_y = s * (cos(m1 * theta_y + m2) - m3)   while m1 * theta_y + m2 <= pi, else a monotone fallback
+    z_j = s * cos(theta_j)                    (j != y)
+    ```
+    ``loss``: ``CombinedMarginLoss(s, m1, m2, m3)``; ``keras_margin.margins.combined_margin_target``
+    states the fallback. (1, 0, 0) is NormFace, (1, 0, m) AM-Softmax, (1, m, 0) ArcFace.
+
+    Args:
+        num_classes: Integer, the number of classes, >= 2.
+        s: Float, the scale, > 0. Defaults to `64.0`.
+        m1: Float, the multiplicative angular margin, > 0. Defaults to `1.0`.
+        m2: Float, the additive angular margin in radians, in [0, pi). Defaults to `0.5`.
+        m3: Float, the additive cosine margin, in [0, 1]. Defaults to `0.0`.
+{{head_args}}
+
+{{call_forms}}
+
+    Example:
+    >>> import numpy as np, keras
+    >>> head = CombinedMarginHead(3, s=10.0, m1=1.0, m2=0.3, m3=0.2, kernel_initializer="identity")
+    >>> x, y = np.array([[2.0, 0.0, 0.0], [0.0, 1.0, 1.0]], "float32"), np.array([0, 1])
+    >>> np.round(keras.ops.convert_to_numpy(head([x, y], training=True)), 3)
+    array([[7.552, 0.   , 0.   ],
+           [0.   , 2.666, 7.071]], dtype=float32)
+
+    Reference:
+        Deng et al., "ArcFace: Additive Angular Margin Loss for Deep Face Recognition", CVPR 2019,
+        arXiv:1801.07698 (Eq. 4). Authors' code: https://github.com/deepinsight/insightface
+        (`recognition/arcface_torch/losses.py`, `CombinedMarginLoss`).
+    """
+
+    def __init__(self, num_classes: int, s: float = arcface.COMBINED_DEFAULT_S, m1: float = arcface.COMBINED_DEFAULT_M1,
+                 m2: float = arcface.COMBINED_DEFAULT_M2, m3: float = arcface.COMBINED_DEFAULT_M3, **kwargs):
+        params = arcface.check_combined_margin_parameters(type(self).__name__, s, m1, m2, m3)
+        super().__init__(num_classes, s=params["s"], **kwargs)
+        self.m1, self.m2, self.m3 = params["m1"], params["m2"], params["m3"]
+
+    def target(self, cos_theta_y):
+        return combined_margin_target(cos_theta_y, self.m1, self.m2, self.m3)
+
+    def make_loss(self):
+        return losses.CombinedMarginLoss(s=self.s, m1=self.m1, m2=self.m2, m3=self.m3)
+
+    def get_config(self):
+        return {**super().get_config(), "m1": self.m1, "m2": self.m2, "m3": self.m3}
+
+
+@_document_head
+@keras.saving.register_keras_serializable(package="keras_margin")
+class NormFaceContrastiveHead(NormFaceHead):
+    """NormFace's best objective (Wang et al. 2017, Sec. 4-5): normalized softmax + weighted C-contrastive.
+
+    Formula:
+    ```
+    cos_ij = <x~_i, W~_j>,  a_ij = <x~_i, A~_j>          W: `kernel`, A: `agents`, both (embedding_dim, C)
+    loss_i = CE(s * cos_i, y_i) + agent_weight * C-contrastive(a_i, y_i)
+    C-contrastive(a, y) = D_y + sum_{j != y} max(0, margin - D_j),   D = 2 - 2 a
+    ```
+    As in the released ``combine_softmax_contrastive.prototxt`` (LFW 99.2167 %, the paper's best): two
+    SEPARATE class matrices (the softmax weights and the agents), a learned scale s (initial 4), loss weight
+    0.01 and margin 1 on the contrastive term.
+
+    The contrastive term needs the labels, so the head is used in its label-aware form (a functional model
+    with the labels as a second input); a Sequential model cannot pass labels to a layer.
+    - ``head([x, labels])``: the softmax logits ``s * cos`` (compile with
+      ``keras.losses.SparseCategoricalCrossentropy(from_logits=True)``); the head adds the batch mean of
+      ``agent_weight * C-contrastive`` with ``add_loss`` (sample weights do not apply to it). NormFace has no
+      margin, so ``training`` changes nothing.
+    - With ``fused_loss=True``: the per-sample total loss (softmax term + weighted contrastive term), its
+      batch mean added with ``add_loss``; compile with ``loss=None``.
+    - ``head(x)``: the softmax matrix's cosines, for inference and accuracy (argmax).
+
+    Args:
+        num_classes: Integer, the number of classes, >= 2.
+        s: Float, the initial (or fixed) scale, > 0. Defaults to `4.0` (the released config).
+        learn_scale: Boolean; learn s. Defaults to `True` (the released config).
+        scale_min: Float > 0 or `None`; the floor of a learned s. Defaults to `0.01` (the released
+            combined config sets none; pass `None` to match it exactly).
+        margin: Float in [0, 4], the C-contrastive margin on squared distances. Defaults to `1.0`.
+        agent_weight: Float >= 0, the contrastive term's loss weight. Defaults to `0.01`.
+        agent_initializer: Initializer of the agents `(embedding_dim, num_classes)`. Defaults to
+            `"random_normal"` (isotropic directions, as the config's `gaussian_unitball`).
+        fused_loss: Boolean, see above. Defaults to `False`. (`chunk_size` and `sample_rate` are not
+            supported by this head.)
+{{kernel_args}}
+        **kwargs: Base layer keyword arguments, such as `name` and `dtype`.
+
+    Example:
+    >>> import numpy as np, keras
+    >>> embeddings, labels = keras.Input((8,)), keras.Input((), dtype="int32")
+    >>> head = NormFaceContrastiveHead(5)
+    >>> model = keras.Model([embeddings, labels], head([embeddings, labels]))
+    >>> model.compile("adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    ...               jit_compile=True)
+    >>> x, y = np.random.rand(16, 8).astype("float32"), np.arange(16) % 5
+    >>> history = model.fit([x, y], y, epochs=1, verbose=0)
+    >>> bool(np.isfinite(history.history["loss"][0]))
+    True
+
+    Reference:
+        Wang et al., "NormFace: L2 Hypersphere Embedding for Face Verification", ACM MM 2017,
+        arXiv:1704.06369 (Sec. 4, Table 2). Authors' config: https://github.com/happynear/NormFace
+        (`prototxt/combine_softmax_contrastive.prototxt`).
+    """
+
+    def __init__(self, num_classes: int, s: float = 4.0, learn_scale: bool = True,
+                 scale_min: float | None = normface.DEFAULT_SCALE_MIN,
+                 margin: float = normface_agents.C_CONTRASTIVE_MARGIN, agent_weight: float = 0.01,
+                 agent_initializer="random_normal", **kwargs):
+        owner = type(self).__name__
+        if kwargs.get("chunk_size") is not None or kwargs.get("sample_rate", 1.0) != 1.0:
+            raise ValueError(f"{owner}: `chunk_size` and `sample_rate` are not supported (the contrastive term "
+                             "sums over every class); use NormFaceHead for a chunked or class-sampled loss.")
+        super().__init__(num_classes, s=s, learn_scale=learn_scale, scale_min=scale_min, **kwargs)
+        self.margin = normface_agents.check_c_contrastive_parameters(owner, margin)["margin"]
+        self.agent_weight = _validation.check_number(owner, "agent_weight", agent_weight, low=0.0)
+        self.agent_initializer = initializers.get(agent_initializer)
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self.agents = self.add_weight(name="agents", shape=self.kernel.shape, initializer=self.agent_initializer)
+
+    def agent_cosines(self, x):
+        """cos between each embedding and each agent, (batch, num_classes) float32."""
+        return cosine_matrix(x, self.agents, self.compute_dtype)
+
+    def call(self, inputs, training=None):
+        if not isinstance(inputs, (list, tuple)):
+            return self.cosine(inputs)
+        if len(inputs) != 2:
+            raise ValueError(f"{type(self).__name__}: expected embeddings or [embeddings, labels]; got "
+                             f"{len(inputs)} inputs.")
+        x, labels = inputs
+        cos_theta = self.cosine(x)
+        class_ids = sparse_labels(type(self).__name__, labels, self.units)
+        contrastive = self.agent_weight * normface_agents.c_contrastive(self.agent_cosines(x), class_ids,
+                                                                        self.margin)
+        if self.fused_loss:
+            per_sample = margin_cross_entropy(cos_theta, class_ids, normface_target, self.scale()) + contrastive
+            self.add_loss(ops.mean(per_sample))
+            return per_sample
+        self.add_loss(ops.mean(contrastive))
+        return margin_logits(cos_theta, class_ids, normface_target, self.scale())
+
+    def make_loss(self):
+        raise ValueError(
+            f"{type(self).__name__}: the C-contrastive term needs the labels, which a cosine-path loss given to "
+            "compile() cannot pass to the head. Build a functional model on [embeddings, labels] and call "
+            "head([embeddings, labels]) (see the class docstring)."
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        for key in ("chunk_size", "sample_rate"):
+            config.pop(key)
+        return {**config, "margin": self.margin, "agent_weight": self.agent_weight,
+                "agent_initializer": initializers.serialize(self.agent_initializer)}

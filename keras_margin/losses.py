@@ -8,6 +8,8 @@ classes keep them as attributes (``AMSoftmaxLoss().m == 0.35``), as Keras' losse
 
 from __future__ import annotations
 
+import weakref
+
 import keras
 from keras import ops
 
@@ -48,6 +50,7 @@ __all__ = [
     "c_contrastive_loss",
     "c_triplet_loss",
     "normface_scale_lower_bound",
+    "HeadLoss",
 ]
 
 # Shared docstring parts, substituted into each class's and function's docstring (so help() shows them).
@@ -89,7 +92,7 @@ def _function_doc(fn):
 
 
 def _loss_doc(cls):
-    name = cls.__init__.__kwdefaults__["name"]
+    name = cls.__init__.__kwdefaults__["name"] or "<head name>_loss"
     return _document(cls, loss_args=_LOSS_ARGS.format(name=name), call_args=_LOSS_SHAPES)
 
 
@@ -165,36 +168,45 @@ def sphereface_loss(y_true, cos_theta, m: int = sphereface.DEFAULT_M, s: float =
 
 
 @_function_doc
-def amsoftmax_loss(y_true, cos_theta, s: float = amsoftmax.DEFAULT_S, m: float = amsoftmax.DEFAULT_M):
+def amsoftmax_loss(y_true, cos_theta, s: float = amsoftmax.DEFAULT_S, m: float = amsoftmax.DEFAULT_M,
+                   margin_rule: str = amsoftmax.DEFAULT_MARGIN_RULE):
     """AM-Softmax / CosFace: ``z_y = s * (cos(theta_y) - m)``.
 
     Formula:
     ```
     z_y = s * (cos(theta_y) - m),  z_j = s * cos(theta_j)  (j != y)
     loss = logsumexp(z) - z_y
+    margin_rule="caffe": z_y = s * cos(theta_y) where cos(theta_y) <= m (the released Caffe layer)
     ```
 
     Args:
 {{function_args}}
         s: Float, the scale, > 0. Defaults to `30.0`.
         m: Float, the additive cosine margin, in [0, 1]. Defaults to `0.35`.
+        margin_rule: `"paper"` (Eq. 4, the margin everywhere) or `"caffe"` (the released
+            `LabelSpecificAdd` layer: the margin only where `cos(theta_y) > m`, identity gradient).
+            Defaults to `"paper"`.
 
 {{returns}}
 
     Example:
     >>> import keras, numpy as np
-    >>> loss = amsoftmax_loss(np.array([0, 1]), np.array([[0.8, 0.1], [0.3, 0.6]], "float32"))
-    >>> np.round(keras.ops.convert_to_numpy(loss), 4)
+    >>> cos = np.array([[0.8, 0.1], [0.3, 0.6]], "float32")
+    >>> np.round(keras.ops.convert_to_numpy(amsoftmax_loss(np.array([0, 1]), cos)), 4)
     array([0.    , 1.7014], dtype=float32)
+    >>> np.round(keras.ops.convert_to_numpy(amsoftmax_loss(np.array([1, 1]), cos, margin_rule="caffe")), 4)
+    array([21.    ,  1.7014], dtype=float32)
 
     Reference:
         Wang et al., "Additive Margin Softmax for Face Verification", IEEE SPL 2018, arXiv:1801.05599
-        (Eq. 4). Authors' code: https://github.com/happynear/AMSoftmax. The same loss is CosFace's large
-        margin cosine loss (Wang et al., CVPR 2018, arXiv:1801.09414, Eq. 4).
+        (Eq. 4). Authors' code: https://github.com/happynear/AMSoftmax (the layer:
+        `src/caffe/layers/label_specific_add.cpp` of https://github.com/happynear/caffe-windows, branch
+        ms). The same loss is CosFace's large margin cosine loss (Wang et al., CVPR 2018,
+        arXiv:1801.09414, Eq. 4).
     """
-    params = amsoftmax.check_amsoftmax_parameters("amsoftmax_loss", s, m)
+    params = amsoftmax.check_amsoftmax_parameters("amsoftmax_loss", s, m, margin_rule)
     return margin_softmax_loss("amsoftmax_loss", y_true, cos_theta,
-                               lambda c: amsoftmax_target(c, params["m"]), params["s"])
+                               lambda c: amsoftmax_target(c, params["m"], params["margin_rule"]), params["s"])
 
 
 @_function_doc
@@ -484,11 +496,15 @@ class AMSoftmaxLoss(MarginLoss):
     ```
     z_y = s * (cos(theta_y) - m),  z_j = s * cos(theta_j)  (j != y)
     loss = logsumexp(z) - z_y
+    margin_rule="caffe": z_y = s * cos(theta_y) where cos(theta_y) <= m (the released Caffe layer)
     ```
 
     Args:
         s: Float, the scale, > 0. Defaults to `30.0` (the released AM-Softmax model).
         m: Float, the additive cosine margin, in [0, 1]. Defaults to `0.35`.
+        margin_rule: `"paper"` (Eq. 4, the margin everywhere) or `"caffe"` (the released
+            `LabelSpecificAdd` layer: the margin only where `cos(theta_y) > m`, identity gradient).
+            Defaults to `"paper"`. The layer's margin schedule needs a counter: see `AMSoftmaxHead`.
 {{loss_args}}
 
 {{call_args}}
@@ -496,8 +512,8 @@ class AMSoftmaxLoss(MarginLoss):
     Example:
     >>> import numpy as np
     >>> loss = AMSoftmaxLoss()
-    >>> loss.s, loss.m
-    (30.0, 0.35)
+    >>> loss.s, loss.m, loss.margin_rule
+    (30.0, 0.35, 'paper')
     >>> round(float(loss(np.array([0, 1]), np.array([[0.8, 0.1], [0.3, 0.6]], "float32"))), 4)
     0.8507
 
@@ -509,10 +525,11 @@ class AMSoftmaxLoss(MarginLoss):
 
     fn = staticmethod(amsoftmax_loss)
 
-    def __init__(self, s: float = amsoftmax.DEFAULT_S, m: float = amsoftmax.DEFAULT_M, *,
-                 reduction="sum_over_batch_size", name="amsoftmax_loss", dtype=None):
-        super().__init__(**amsoftmax.check_amsoftmax_parameters("AMSoftmaxLoss", s, m), reduction=reduction,
-                         name=name, dtype=dtype)
+    def __init__(self, s: float = amsoftmax.DEFAULT_S, m: float = amsoftmax.DEFAULT_M,
+                 margin_rule: str = amsoftmax.DEFAULT_MARGIN_RULE, *, reduction="sum_over_batch_size",
+                 name="amsoftmax_loss", dtype=None):
+        super().__init__(**amsoftmax.check_amsoftmax_parameters("AMSoftmaxLoss", s, m, margin_rule),
+                         reduction=reduction, name=name, dtype=dtype)
 
 
 @_loss_doc
@@ -799,3 +816,84 @@ class CTripletLoss(MarginLoss):
                  name="c_triplet_loss", dtype=None):
         super().__init__(**normface_agents.check_c_triplet_parameters("CTripletLoss", margin, center),
                          reduction=reduction, name=name, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# The loss of a head whose objective has state (a learned scale, a margin schedule).
+
+# Heads alive in this process, by layer name: how a deserialized ``HeadLoss`` finds the head it belongs to
+# (Keras rebuilds a saved model's layers before it compiles the model from its saved compile config).
+_LIVE_HEADS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def register_head(head) -> None:
+    """Record ``head`` under its layer name, for ``HeadLoss.from_config`` (called by every margin head)."""
+    _LIVE_HEADS[head.name] = head
+
+
+@keras.saving.register_keras_serializable(package="keras_margin")
+class HeadLoss(MarginLoss):
+    """The cosine-path loss of a head with state, computed from the head's own variables.
+
+    A fixed objective's loss sees only (labels, cosines). When the objective depends on a head's variables
+    (``NormFaceHead(learn_scale=True)``'s scale, ``AMSoftmaxHead(margin_schedule=...)``'s current margin),
+    ``head.loss`` is a ``HeadLoss``: it calls ``head.cosine_loss(y_true, cos_theta)``, which reads those
+    variables, so a Sequential model compiled with ``loss=head.loss`` learns the scale (the gradient reaches
+    it through the loss) and follows the schedule (the head advances it in its training forward pass).
+
+    Saving: the config names the head's layer; a reloaded model's compile step finds the reloaded head by
+    that name. Loading the config alone, with no head of that name alive, raises a ``ValueError``.
+
+    Args:
+        head: The head (a layer with a ``cosine_loss(y_true, cos_theta)`` method), or the name of a live one.
+{{loss_args}}
+
+{{call_args}}
+
+    Example:
+    >>> import numpy as np, keras
+    >>> from keras_margin import NormFaceHead
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    >>> head = NormFaceHead(5, s=10.0, learn_scale=True)
+    >>> model.add(head)
+    >>> model.compile("sgd", loss=head.loss)
+    >>> history = model.fit(np.random.rand(8, 4), np.arange(8) % 5, epochs=1, verbose=0)
+    >>> bool(float(keras.ops.convert_to_numpy(head.scale_weight)) != 10.0)
+    True
+    """
+
+    def __init__(self, head, *, reduction="sum_over_batch_size", name: str | None = None, dtype=None):
+        if isinstance(head, str):
+            found = _LIVE_HEADS.get(head)
+            if found is None:
+                raise ValueError(f"HeadLoss: no head named {head!r} exists in this process; a HeadLoss computes "
+                                 "its head's objective from the head's variables. Load the whole model "
+                                 "(keras.saving.load_model), or build the head and use its `loss`.")
+            head = found
+        if not callable(getattr(head, "cosine_loss", None)):
+            raise ValueError(f"HeadLoss: `head` must be a keras_margin head with a `cosine_loss` method; got "
+                             f"{head!r}.")
+        super().__init__(reduction=reduction, name=name or f"{head.name}_loss", dtype=dtype)
+        # A weak reference, not an attribute: Keras' saving walks a loss' attributes, and the head is saved
+        # (once) as a layer of its model.
+        self._head_ref = weakref.ref(head)
+        self.head_name = head.name
+
+    def get_head(self):
+        """The head this loss computes the objective of."""
+        head = self._head_ref()
+        if head is None:
+            raise ValueError(f"HeadLoss: its head {self.head_name!r} no longer exists; keep the model (or the "
+                             "head) alive while its loss is used.")
+        return head
+
+    def call(self, y_true, y_pred):
+        if _validation.label_kind(type(self).__name__, y_true, y_pred.shape[-1], check_dtype=False) == "sparse":
+            y_true = ops.cast(y_true, "int32")
+        return self.get_head().cosine_loss(y_true, y_pred)
+
+    def get_config(self):
+        return {"name": self.name, "reduction": self.reduction, "head": self.head_name}
+
+
+_loss_doc(HeadLoss)

@@ -128,7 +128,7 @@ def _check_weight_counts(head, form, where, expected_trainable, expected_non_tra
 
 
 def _check_symbolic_and_eager(head_factory, form, policy, x, y, embedding_dim, tol, expected_trainable,
-                              expected_non_trainable, where):
+                              expected_non_trainable, where, label_forms_add_loss=False):
     head = head_factory(**form.overrides)
     model = _symbolic_model(head, form, embedding_dim)
     _check_weight_counts(head, form, where, expected_trainable, expected_non_trainable)
@@ -142,7 +142,7 @@ def _check_symbolic_and_eager(head_factory, form, policy, x, y, embedding_dim, t
     symbolic_out = model(data)
     _restore(head, before)
     eager_out = _call(head, form, data, form.training)
-    assert len(head.losses) == (1 if form.fused else 0), (where, head.losses)
+    assert len(head.losses) == (1 if form.fused or (form.labels and label_forms_add_loss) else 0), (where, head.losses)
     _assert_spec_matches(model.outputs[0], eager_out, where)
     assert _dtype(eager_out) == "float32", (where, _dtype(eager_out))
     assert np.all(np.isfinite(_np(eager_out))), where
@@ -208,7 +208,7 @@ def run_head_test(head_factory, *, forms=None, embedding_dim: int = 8, batch_siz
                   expected_num_trainable_weights: int | None = None,
                   expected_num_non_trainable_weights: int | None = None,
                   run_serialization_check: bool = True, run_training_check: bool = True,
-                  untrainable_forms=(), cosine_loss=None, seed: int = 0):
+                  untrainable_forms=(), cosine_loss=None, label_forms_add_loss: bool = False, seed: int = 0):
     """Run every check of the module docstring on ``head_factory`` for the call forms ``forms``.
 
     Args:
@@ -220,8 +220,10 @@ def run_head_test(head_factory, *, forms=None, embedding_dim: int = 8, batch_siz
         expected_num_trainable_weights, expected_num_non_trainable_weights: the built head's weight counts
             (None: not checked).
         run_serialization_check, run_training_check: switch those checks off.
-        untrainable_forms: forms that have no training step (NormFaceHead(learn_scale=True) has no cosine loss).
+        untrainable_forms: forms that have no training step (NormFaceContrastiveHead has no cosine-path loss).
         cosine_loss: the loss of the cosine-form training step (default ``head.loss``).
+        label_forms_add_loss: the label-aware forms add one loss also when not fused (NormFaceContrastiveHead's
+            C-contrastive term).
     """
     forms = tuple(FORMS) if forms is None else tuple(forms)
     unknown = set(forms) - set(FORMS)
@@ -241,7 +243,7 @@ def run_head_test(head_factory, *, forms=None, embedding_dim: int = 8, batch_siz
                 y = (np.arange(batch_size) % num_classes).astype("int32")
                 head, model, state = _check_symbolic_and_eager(
                     head_factory, form, policy, x, y, embedding_dim, tol, expected_num_trainable_weights,
-                    expected_num_non_trainable_weights, where)
+                    expected_num_non_trainable_weights, where, label_forms_add_loss)
                 if run_serialization_check and policy == "float32":
                     _check_serialization(head, model, form, state, x, y, embedding_dim, tol, where)
                 if run_training_check and name not in untrainable_forms:

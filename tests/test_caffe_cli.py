@@ -42,7 +42,7 @@ def test_convert_writes_a_keras_file_and_prints_a_summary_with_parity(train_file
     summary = out.splitlines()
     assert len(summary) < 25
     for expected in ("(phase TRAIN)", "params    ", "input     data: Keras (None, 28, 24, 3)",
-                     "head      AMSoftmaxHead 'fc6_l2' (num_classes=10, s=30, m=0.35)", "BGR",
+                     "head      AMSoftmaxHead 'fc6_l2' (num_classes=10, s=30, m=0.35, margin_rule=caffe)", "BGR",
                      "parity vs OpenCV", "all within tolerance"):
         assert expected in out, expected
     import keras

@@ -176,7 +176,7 @@ def test_the_readme_train_command_on_the_released_prototxt_without_a_caffemodel(
                 "--quiet")
     out, err = capsys.readouterr()
     assert code == 0, out + err
-    for expected in ("(phase TRAIN)", "AMSoftmaxHead 'fc6_l2' (num_classes=10516, s=30, m=0.35)",
+    for expected in ("(phase TRAIN)", "AMSoftmaxHead 'fc6_l2' (num_classes=10516, s=30, m=0.35, margin_rule=caffe)",
                      "own initial weights", "all within tolerance"):
         assert expected in out, expected
     assert output.exists()

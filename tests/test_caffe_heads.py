@@ -127,3 +127,53 @@ def test_converted_model_round_trips_through_a_keras_file(tmp_path, kind):
     reloaded = keras.saving.load_model(path)
     x = np.random.default_rng(4).uniform(0, 255, (2, 28, 24, 3)).astype(np.float32)
     np.testing.assert_allclose(np.asarray(reloaded(x)), np.asarray(model(x)), atol=1e-6)
+
+
+def test_converted_normface_train_net_learns_its_scale_with_the_released_floor(tmp_path):
+    # The Scale has no `param { lr_mult: 0 }`, so Caffe learns it (lr_mult defaults to 1), floored at min_value.
+    blobs = _small_blobs()
+    weight = blobs.pop("fc6_l2")[0]
+    blobs.pop("fc6_margin_scale")
+    blobs.update(cosine=[weight], cosine_scale=[np.array([12.5], np.float32)])
+    prototxt, caffemodel = write_net(tmp_path, _head_net(NORMFACE_HEAD), blobs)
+    model = convert(prototxt, caffemodel, phase="TRAIN").model
+    head = model.layers[-1]
+    assert head.learn_scale and head.scale_min == pytest.approx(0.01)
+    assert float(head.scale_weight.numpy()) == 12.5
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=head.loss)  # Sequential-style: the head's own loss
+    rng = np.random.default_rng(5)
+    model.fit(nhwc(rng.uniform(-1, 1, (4, 3, 28, 24)).astype(np.float32)), rng.integers(0, 10, 4), verbose=0)
+    assert float(head.scale_weight.numpy()) != 12.5
+    # A Scale with lr_mult 0 stays a fixed s.
+    fixed = NORMFACE_HEAD.replace('top: "cosine_scale"\n', 'top: "cosine_scale" param { lr_mult: 0 }\n')
+    (tmp_path / "fixed").mkdir()
+    prototxt, caffemodel = write_net(tmp_path / "fixed", _head_net(fixed), blobs)
+    assert not convert(prototxt, caffemodel, phase="TRAIN").model.layers[-1].learn_scale
+
+
+ANNEALED_AMSOFTMAX_HEAD = """
+layer { name: "norm1" type: "Normalize" bottom: "fc5" top: "norm1" }
+layer { name: "fc6" type: "InnerProduct" bottom: "norm1" top: "fc6"
+  inner_product_param { num_output: 10 normalize: true bias_term: false } }
+layer { name: "margin" type: "LabelSpecificAdd" bottom: "fc6" bottom: "label" top: "fc6_margin"
+  label_specific_add_param { iteration: 7 bias_base: 0 bias_gamma: -5e-05 bias_power: 1 bias_min: -0.4 bias_max: 0 } }
+layer { name: "scale" type: "Scale" bottom: "fc6_margin" top: "fc6_scaled" param { lr_mult: 0 }
+  scale_param { num_axes: 0 filler { type: "constant" value: 30 } } }
+layer { name: "softmax_loss" type: "SoftmaxWithLoss" bottom: "fc6_scaled" bottom: "label" top: "softmax_loss" }
+"""
+
+
+def test_annealed_label_specific_add_becomes_a_scheduled_caffe_rule_head(tmp_path):
+    blobs = _small_blobs()
+    weight = blobs.pop("fc6_l2")[0]
+    blobs.pop("fc6_margin_scale")
+    blobs.update(fc6=[weight], scale=[np.array([30.0], np.float32)])
+    prototxt, caffemodel = write_net(tmp_path, _head_net(ANNEALED_AMSOFTMAX_HEAD), blobs)
+    conversion = convert(prototxt, caffemodel, phase="TRAIN")
+    head = conversion.model.layers[-1]
+    assert head.margin_rule == "caffe" and head.s == 30.0
+    assert head.margin_schedule == {"bias_base": 0.0, "bias_gamma": pytest.approx(-5e-05), "bias_power": 1.0,
+                                    "bias_min": pytest.approx(-0.4), "bias_max": 0.0}
+    assert int(head.iteration.numpy()) == 7  # the prototxt's starting counter
+    assert float(head.margin.numpy()) == pytest.approx(7 * 5e-05, rel=1e-4)
+    assert any("annealed margin" in w for w in conversion.warnings)

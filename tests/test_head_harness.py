@@ -19,14 +19,21 @@ pytestmark = pytest.mark.backend_agnostic
 
 NUM_CLASSES = 10
 
-#: Per head: (id suffix, constructor kwargs, trainable weights, non-trainable weights, forms without a fit step).
-#: A head missing here runs with no extra kwargs and its weight counts unchecked.
+#: Per head: (id suffix, constructor kwargs, trainable weights, non-trainable weights, forms without a fit step[,
+#: harness options]). A head missing here runs with no extra kwargs and its weight counts unchecked. The options:
+#: "forms" (the call forms the head supports, default all), "label_forms_add_loss" (see run_head_test).
+_SCHEDULE = {"bias_gamma": -0.05, "bias_min": -0.35}
+_UNFUSED_AND_FUSED = ("cosine", "logits_training", "logits_inference", "fused_training", "fused_inference")
 HEAD_CASES = {
-    "NormFaceHead": [("", {}, 1, 0, ()), ("learn_scale", {"learn_scale": True, "s": 16.0}, 2, 0, ("cosine",))],
+    "NormFaceHead": [("", {}, 1, 0, ()), ("learn_scale", {"learn_scale": True, "s": 16.0}, 2, 0, ())],
     "SphereFaceHead": [("", {}, 1, 1, ()), ("m2", {"m": 2, "base": 10.0}, 1, 1, ())],
-    "AMSoftmaxHead": [("", {}, 1, 0, ())],
+    "AMSoftmaxHead": [("", {}, 1, 0, ()),
+                      ("caffe_schedule", {"margin_rule": "caffe", "margin_schedule": _SCHEDULE}, 1, 2, ())],
     "X2SoftmaxHead": [("", {}, 1, 0, ())],
     "ArcFaceHead": [("", {}, 1, 0, ())],
+    "CombinedMarginHead": [("", {}, 1, 0, ()), ("m1", {"m1": 1.35, "m2": 0.2, "m3": 0.1}, 1, 0, ())],
+    "NormFaceContrastiveHead": [("", {}, 3, 0, ("cosine",),
+                                 {"forms": _UNFUSED_AND_FUSED, "label_forms_add_loss": True})],
 }
 
 
@@ -42,11 +49,12 @@ def exported_heads():
 def _cases():
     cases = []
     for cls in exported_heads():
-        for suffix, kwargs, trainable, non_trainable, untrainable in HEAD_CASES.get(
+        for suffix, kwargs, trainable, non_trainable, untrainable, *options in HEAD_CASES.get(
                 cls.__name__, [("", {}, None, None, ())]):
+            options = dict(options[0]) if options else {}
             case_id = cls.__name__ + (f"-{suffix}" if suffix else "")
-            for form in FORMS:
-                cases.append(pytest.param(cls, kwargs, trainable, non_trainable, untrainable, form,
+            for form in options.pop("forms", FORMS):
+                cases.append(pytest.param(cls, kwargs, trainable, non_trainable, untrainable, options, form,
                                           id=f"{case_id}-{form}"))
     return cases
 
@@ -57,11 +65,11 @@ def test_every_exported_head_is_discovered():
     assert set(HEAD_CASES) <= names, "HEAD_CASES names a head that keras_margin.layers no longer exports"
 
 
-@pytest.mark.parametrize("cls, kwargs, trainable, non_trainable, untrainable, form", _cases())
-def test_head(cls, kwargs, trainable, non_trainable, untrainable, form):
+@pytest.mark.parametrize("cls, kwargs, trainable, non_trainable, untrainable, options, form", _cases())
+def test_head(cls, kwargs, trainable, non_trainable, untrainable, options, form):
     run_head_test(functools.partial(cls, NUM_CLASSES, **kwargs), forms=[form],
                   expected_num_trainable_weights=trainable, expected_num_non_trainable_weights=non_trainable,
-                  untrainable_forms=untrainable)
+                  untrainable_forms=untrainable, **options)
 
 
 def test_cosine_dense():

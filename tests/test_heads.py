@@ -139,8 +139,12 @@ def test_normface_learned_scale_is_trainable_and_used():
     cos = ops.convert_to_numpy(head(x))
     logits = ops.convert_to_numpy(head([x, y], training=True))
     np.testing.assert_allclose(logits, 7.0 * cos, rtol=1e-6, atol=1e-5)
-    with pytest.raises(ValueError, match="learn_scale"):
-        head.loss
+    # The cosine-path loss reads the learned scale: NumPy's softmax cross-entropy of 7 * cos.
+    loss = head.loss
+    assert isinstance(loss, km.losses.HeadLoss) and loss.get_head() is head
+    z = 7.0 * cos.astype("float64")
+    expected = np.mean(np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(y)), y])
+    np.testing.assert_allclose(float(loss(y, head(x))), expected, rtol=1e-5)
 
 
 @pytest.mark.parametrize("head_cls", [km.NormFaceHead, km.SphereFaceHead, km.AMSoftmaxHead,

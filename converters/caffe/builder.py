@@ -204,8 +204,8 @@ def build_model(plan: Plan, caffemodel: Caffemodel | None = None, progress: Prog
 
 
 _HEAD_KEYS = {
-    "keras_margin.AMSoftmaxHead": ("num_classes", "s", "m"),
-    "keras_margin.NormFaceHead": ("num_classes", "s"),
+    "keras_margin.AMSoftmaxHead": ("num_classes", "s", "m", "margin_rule"),
+    "keras_margin.NormFaceHead": ("num_classes", "s", "learn_scale"),
     "keras_margin.CosineDense": ("num_classes",),
     "keras_margin.SphereFaceHead": ("num_classes", "m", "base", "gamma", "power", "lambda_min", "iteration"),
 }

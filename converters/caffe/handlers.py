@@ -1161,14 +1161,37 @@ class _HeadHandler(Handler):
 @register("keras_margin.AMSoftmaxHead")
 class AMSoftmaxHeadHandler(_HeadHandler):
     def make_head(self, margin_layers, layer, name, **kwargs):
-        return margin_layers.AMSoftmaxHead(layer.attrs["num_classes"], s=layer.attrs["s"], m=layer.attrs["m"],
-                                           name=name, **kwargs)
+        a = layer.attrs
+        return margin_layers.AMSoftmaxHead(a["num_classes"], s=a["s"], m=a["m"], margin_rule=a["margin_rule"],
+                                           margin_schedule=a["margin_schedule"], name=name, **kwargs)
+
+    def head_weights(self, layer, head, kernel):
+        a = layer.attrs
+        if a["margin_schedule"] is None:
+            return [kernel]
+        start = float(np.asarray(scheduled_margin_value(a["iteration"], a["margin_schedule"])))
+        return [kernel, np.asarray(a["iteration"], dtype=np.int32), np.asarray(start, dtype=np.float32)]
+
+
+def scheduled_margin_value(iteration: int, schedule: dict) -> float:
+    """The Caffe LabelSpecificAdd margin at ``iteration``, in float32 NumPy (the converter's own arithmetic)."""
+    f = np.float32
+    bias = f(schedule["bias_base"]) + np.power(f(1) + f(schedule["bias_gamma"]) * f(iteration),
+                                                f(schedule["bias_power"])) - f(1)
+    return float(-min(max(bias, f(schedule["bias_min"])), f(schedule["bias_max"])))
 
 
 @register("keras_margin.NormFaceHead")
 class NormFaceHeadHandler(_HeadHandler):
     def make_head(self, margin_layers, layer, name, **kwargs):
-        return margin_layers.NormFaceHead(layer.attrs["num_classes"], s=layer.attrs["s"], name=name, **kwargs)
+        a = layer.attrs
+        return margin_layers.NormFaceHead(a["num_classes"], s=a["s"], learn_scale=a.get("learn_scale", False),
+                                          scale_min=a.get("scale_min"), name=name, **kwargs)
+
+    def head_weights(self, layer, head, kernel):
+        if not layer.attrs.get("learn_scale"):
+            return [kernel]
+        return [kernel, np.asarray(layer.attrs["s"], dtype=np.float32)]
 
 
 @register("keras_margin.CosineDense")

@@ -453,11 +453,21 @@ def _fuse_normalized_ip(ip: PlannedLayer, users_of, producers, caffemodel, plan:
             plan.warnings.append(f"layers '{ip.name}' -> '{nxt.name}' -> '{scale.name}': scale {s} / margin {m} "
                                  "is not a constant s > 0 and m in [0, 1]; no AMSoftmaxHead")
             return None
-        if lsa.bias_base or lsa.bias_gamma:
-            plan.warnings.append(f"layer '{nxt.name}': annealed margin (bias_base/bias_gamma); "
-                                 f"the head uses the final bias m={m:g}")
-        attrs.update(s=s, m=m)
-        plan.fusions.append(f"{ip.name} + {nxt.name} + {scale.name} -> AMSoftmaxHead({p.num_output}, s={s:g}, m={m:g})")
+        schedule = None
+        if lsa.HasField("bias_base"):  # the layer anneals exactly when bias_base is set (has_bias_base())
+            schedule = {key: _f32(getattr(lsa, key)) for key in
+                        ("bias_base", "bias_gamma", "bias_power", "bias_min", "bias_max")}
+            if not -1.0 <= schedule["bias_min"] <= schedule["bias_max"] <= 0.0:
+                plan.warnings.append(f"layer '{nxt.name}': margin schedule bias_min={schedule['bias_min']:g}, "
+                                     f"bias_max={schedule['bias_max']:g} is not within -1 <= bias_min <= bias_max "
+                                     "<= 0 (a margin in [0, 1]); no AMSoftmaxHead")
+                return None
+            plan.warnings.append(f"layer '{nxt.name}': annealed margin; the head follows the layer's schedule "
+                                 f"(margin_schedule={schedule}) from iteration {lsa.iteration}")
+        # The released layer's rule (the margin only where cos_y > m), so training matches the fork.
+        attrs.update(s=s, m=m, margin_rule="caffe", margin_schedule=schedule, iteration=int(lsa.iteration))
+        plan.fusions.append(f"{ip.name} + {nxt.name} + {scale.name} -> AMSoftmaxHead({p.num_output}, s={s:g}, m={m:g}, "
+                            f"margin_rule='caffe'{', margin_schedule=...' if schedule else ''})")
         return _head_layer(ip, "keras_margin.AMSoftmaxHead", [ip, nxt, scale], attrs)
     if nxt.type == "Scale":
         if users_of(nxt) != []:
@@ -465,8 +475,17 @@ def _fuse_normalized_ip(ip: PlannedLayer, users_of, producers, caffemodel, plan:
         s = _constant_scale(nxt, caffemodel)
         if s is None or s <= 0:
             return None
-        attrs.update(s=s)
-        plan.fusions.append(f"{ip.name} + {nxt.name} -> NormFaceHead({p.num_output}, s={s:g})")
+        sp = nxt.param.scale_param
+        # Caffe learns a Scale blob unless its ParamSpec says lr_mult: 0 (the default lr_mult is 1).
+        learned = not (len(nxt.param.param) > 0 and nxt.param.param[0].lr_mult == 0)
+        scale_min = _f32(sp.min_value) if learned and sp.HasField("min_value") else None
+        if learned and (sp.HasField("max_value") or (scale_min is not None and not 0.0 < scale_min <= s)):
+            plan.warnings.append(f"layer '{nxt.name}': a learned scale with max_value or a floor outside (0, s] "
+                                 f"converts as a fixed s={s:g}")
+            learned, scale_min = False, None
+        attrs.update(s=s, learn_scale=learned, scale_min=scale_min)
+        plan.fusions.append(f"{ip.name} + {nxt.name} -> NormFaceHead({p.num_output}, s={s:g}"
+                            f"{', learn_scale=True' if learned else ''})")
         return _head_layer(ip, "keras_margin.NormFaceHead", [ip, nxt], attrs)
     return None
 

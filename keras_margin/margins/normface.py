@@ -12,6 +12,7 @@ from keras_margin import _validation
 
 DEFAULT_S = 30.0
 DEFAULT_LEARN_SCALE = False
+DEFAULT_SCALE_MIN = 0.01  # the released config's learned-scale floor (Caffe Scale min_value: 0.01)
 
 
 def normface_target(cos_theta_y):
@@ -27,6 +28,18 @@ def check_normface_parameters(owner: str, s=DEFAULT_S) -> dict:
     {'s': 30.0}
     """
     return {"s": _validation.check_scale(owner, s)}
+
+
+def check_scale_min(owner: str, scale_min, s: float | None) -> float | None:
+    """The floor of a learned scale, checked: ``None`` (no floor) or a number in (0, s] (``s=None``: > 0).
+
+    Example:
+    >>> check_scale_min("NormFaceHead", 0.01, 10.0)
+    0.01
+    """
+    if scale_min is None:
+        return None
+    return _validation.check_number(owner, "scale_min", scale_min, low=0.0, high=s, low_open=True)
 
 
 def normface_scale_lower_bound(num_classes: int, probability: float) -> float:
