@@ -162,6 +162,7 @@ def chunked_margin_loss(x, kernel, class_ids, target: TargetFn, scale, chunk_siz
     ```
     z_y = scale * target(cos_theta_y)
     loss = log(exp(lse_other) + exp(z_y)) - z_y      lse_other from nontarget_logsumexp
+         = softplus(lse_other - z_y)                 (computed so: no cancellation in d loss / d z_y)
     ```
     The margin touches only the target column, so ``target`` runs once on the (batch,) target cosines,
     outside the chunk loop, and ordinary autodiff carries its gradient (and that of ``scale``).
@@ -186,7 +187,7 @@ def chunked_margin_loss(x, kernel, class_ids, target: TargetFn, scale, chunk_siz
     scale = per_sample_scale(scale, x)
     lse_other, cos_target = nontarget_logsumexp(x, kernel, class_ids, scale, chunk_size, compute_dtype)
     target_logit = scale * target(cos_target)
-    loss = ops.logaddexp(lse_other, target_logit) - target_logit
+    loss = ops.softplus(lse_other - target_logit)  # = logaddexp(lse_other, z_y) - z_y, no cancellation in d/dz_y
     return ops.where(_valid(class_ids, kernel.shape[-1]), loss, float("nan"))
 
 

@@ -80,10 +80,37 @@ def arcface_threshold(m):
     return float(np.cos(np.pi - m))
 
 
+def combined_threshold(m1, m2):
+    """The angle theta_t = (pi - m2) / m1 where m1*theta + m2 reaches pi, or None when theta_t >= pi
+    (then cos(m1*theta + m2) - m3 is non-increasing in theta on all of [0, pi] and needs no fallback)."""
+    theta_t = (np.pi - m2) / m1
+    return None if theta_t >= np.pi else float(theta_t)
+
+
+def combined_fallback_offset(m1, m2):
+    """The constant c of the combined margin's fallback z_y/s = cos(theta) - m3 - c beyond theta_t:
+    m2*sin(m2) when m1 == 1 (InsightFace's ArcFace fallback), else 1 + cos(theta_t) (continuous at theta_t)."""
+    if m1 == 1.0:
+        return m2 * np.sin(m2)
+    return 1.0 + np.cos((np.pi - m2) / m1)
+
+
 def combined_target(cos, s, m1, m2, m3, eps=CLAMP_EPS):
-    """InsightFace combined margin: z_y = s * (cos(m1*theta + m2) - m3) (plain formula, no fallback)."""
+    """Combined margin with the monotone fallback: z_y = s * (cos(m1*theta + m2) - m3) while
+    theta <= theta_t = (pi - m2)/m1, else s * (cos(theta) - m3 - c) (c: ``combined_fallback_offset``)."""
+    cos = np.asarray(cos, dtype=np.float64)
     theta = angle(cos, eps)
-    return s * (np.cos(m1 * theta + m2) - m3)
+    plain = np.cos(m1 * theta + m2) - m3
+    theta_t = combined_threshold(m1, m2)
+    if theta_t is None:
+        return s * plain
+    fallback = cos - m3 - combined_fallback_offset(m1, m2)
+    return s * np.where(theta <= theta_t, plain, fallback)
+
+
+def combined_target_plain(cos, s, m1, m2, m3, eps=CLAMP_EPS):
+    """The plain combined formula s * (cos(m1*theta + m2) - m3) with no fallback (not monotone past theta_t)."""
+    return s * (np.cos(m1 * angle(cos, eps) + m2) - m3)
 
 
 def x2_target(cos, s, a, h, k, eps=CLAMP_EPS):
@@ -135,6 +162,55 @@ def sphereface_caffe_logits(x, kernel, labels, m, lam):
     cos_y = cos[rows, labels]
     logits[rows, labels] = norms * (lam * cos_y + psi(cos_y, m)) / (1.0 + lam)
     return logits
+
+
+# --------------------------------------------------------------------------------------------------
+# Analytic derivatives d z_y / d cos(theta_y), float64 (the edge-precision tests' reference gradients)
+# --------------------------------------------------------------------------------------------------
+# Angle terms are written with theta = arccos(cos) and d theta / d cos = -1/sin(theta), evaluated inside
+# the clamp (cos strictly within [-1 + eps, 1 - eps]); beyond it an angle term is constant (derivative 0).
+def _inside_clamp(cos, eps=CLAMP_EPS):
+    lo, hi = clamp_bounds(eps)
+    return (cos > lo) & (cos < hi)
+
+
+def psi_derivative(cos, m):
+    """d psi / d cos = (-1)^k * m * sin(m*theta) / sin(theta), k = floor(m*theta/pi) clipped to m-1;
+    m^2 at cos = +-1 (the limit at both ends)."""
+    cos = np.asarray(cos, dtype=np.float64)
+    theta = np.arccos(np.clip(cos, -1.0, 1.0))
+    k = np.minimum(np.floor(m * theta / np.pi), m - 1)
+    sin = np.sin(theta)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(sin > 0.0, np.sin(m * theta) / sin, (-1.0) ** k * m)
+    return (-1.0) ** k * m * ratio
+
+
+def sphereface_target_derivative(cos, m, s, lam=0.0):
+    """d/d cos of s * (lam*cos + psi) / (1 + lam)."""
+    return s * (lam + psi_derivative(cos, m)) / (1.0 + lam)
+
+
+def arcface_target_derivative(cos, s, m, eps=CLAMP_EPS):
+    """s * sin(theta + m) / sin(theta) while theta + m <= pi (0 beyond the clamp), s on the fallback."""
+    cos = np.asarray(cos, dtype=np.float64)
+    theta = angle(cos, eps)
+    with_margin = np.where(_inside_clamp(cos, eps), np.sin(theta + m) / np.sin(theta), 0.0)
+    return s * np.where(theta + m <= np.pi, with_margin, 1.0)
+
+
+def combined_target_derivative(cos, s, m1, m2, m3, eps=CLAMP_EPS):
+    """s * m1 * sin(m1*theta + m2) / sin(theta) while theta <= theta_t (0 beyond the clamp), s on the
+    fallback; s everywhere for (1, 0, m3), which is cos - m3 with no angle."""
+    cos = np.asarray(cos, dtype=np.float64)
+    if m1 == 1.0 and m2 == 0.0:
+        return np.full(cos.shape, float(s))
+    theta = angle(cos, eps)
+    plain = np.where(_inside_clamp(cos, eps), m1 * np.sin(m1 * theta + m2) / np.sin(theta), 0.0)
+    theta_t = combined_threshold(m1, m2)
+    if theta_t is None:
+        return s * plain
+    return s * np.where(theta <= theta_t, plain, 1.0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -205,6 +281,55 @@ def margin_loss(cos, labels, s, target_logit, sample_weight=None, reduction="sum
     """The whole objective: cross-entropy over margin_logits, then Keras' reduction."""
     per_sample = softmax_cross_entropy(margin_logits(cos, labels, s, target_logit), labels)
     return reduce(per_sample, sample_weight, reduction)
+
+
+def margin_loss_gradient(cos, labels, s, target_logit, target_derivative):
+    """d loss_i / d cos_ij of the per-sample cross-entropy (one row per sample), analytic, float64:
+    (softmax(z_i)_j - [j == y_i]) * d z_ij / d cos_ij, with d z / d cos = s off the target and
+    target_derivative(cos_y) on it."""
+    cos = np.asarray(cos, dtype=np.float64)
+    labels = sparse_labels(labels, cos.shape[1])
+    rows = np.arange(cos.shape[0])
+    dz_dcos = np.full(cos.shape, float(s))
+    dz_dcos[rows, labels] = target_derivative(cos[rows, labels])
+    return softmax_cross_entropy_grad(margin_logits(cos, labels, s, target_logit), labels) * dz_dcos
+
+
+# --------------------------------------------------------------------------------------------------
+# NormFace's agent objectives (Sec. 4, Eqs. 10-11) on D = 2 - 2 cos, and their gradients w.r.t. cos
+# --------------------------------------------------------------------------------------------------
+def agent_distance(cos):
+    return 2.0 - 2.0 * np.asarray(cos, dtype=np.float64)
+
+
+def c_contrastive(cos, labels, margin=1.0):
+    """L_i = D_iy + sum_{j != y} max(0, margin - D_ij)."""
+    d = agent_distance(cos)
+    target = np.eye(d.shape[1], dtype=bool)[sparse_labels(labels, d.shape[1])]
+    return np.sum(np.where(target, d, np.maximum(0.0, margin - d)), axis=1)
+
+
+def c_contrastive_gradient(cos, labels, margin=1.0):
+    """d L_i / d cos_ij: -2 on the target, +2 on each negative with margin - D_ij > 0, else 0."""
+    d = agent_distance(cos)
+    target = np.eye(d.shape[1], dtype=bool)[sparse_labels(labels, d.shape[1])]
+    return np.where(target, -2.0, np.where(margin - d > 0.0, 2.0, 0.0))
+
+
+def c_triplet_gradient(cos, labels, margin=0.8, center=True):
+    """The hinge max(0, margin + D_iy - min_{j != y} D_ij)'s gradient (-2 on the target, +2 on the nearest
+    negative, when active); with center (the Caffe layer's add_center_loss) the -2 on the target is always on."""
+    d = agent_distance(cos)
+    labels = sparse_labels(labels, d.shape[1])
+    rows = np.arange(d.shape[0])
+    negatives = d.copy()
+    negatives[rows, labels] = np.inf
+    nearest = np.argmin(negatives, axis=1)
+    active = margin + d[rows, labels] - negatives[rows, nearest] > 0.0
+    grad = np.zeros_like(d)
+    grad[rows, labels] = np.where(active | center, -2.0, 0.0)
+    grad[rows, nearest] = np.where(active, 2.0, 0.0)
+    return grad
 
 
 # --------------------------------------------------------------------------------------------------

@@ -37,11 +37,12 @@ def test_angular_stats_match_hand_worked_directions():
 def test_demo_trains_every_objective_and_writes_one_png_each(tmp_path, capsys):
     demo = _load_example()
     results = demo.main(["--epochs", "4", "--out", str(tmp_path)])
-    assert set(results) == {"softmax", "normface", "sphereface", "amsoftmax", "x2softmax", "arcface"}
+    assert set(results) == {"softmax", "normface", "sphereface", "amsoftmax", "x2softmax", "arcface",
+                            "c_contrastive", "c_triplet"}
     for name, r in results.items():
         assert r["accuracy"] > 0.5, (name, r["accuracy"])  # chance is 0.1; 4 epochs reach well above it
         assert r["intra_angle_deg"] < r["inter_angle_deg"], name
         png = Path(r["png"])
         assert png.parent == tmp_path and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     table = capsys.readouterr().out
-    assert "| objective" in table and "arcface" in table
+    assert "| objective" in table and "arcface" in table and "| c_triplet " in table

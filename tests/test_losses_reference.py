@@ -46,6 +46,11 @@ class Case:
         return f"{self.loss_cls.__name__}({args})"
 
 
+def _combined_kinks(m1, m2):
+    theta_t = ref.combined_threshold(m1, m2)
+    return [] if theta_t is None else [math.cos(theta_t)]
+
+
 def _cases():
     lam_first_step = ref.sphereface_lambda(1)  # 1000 / 1.12, the first Caffe training step
     return [
@@ -78,14 +83,16 @@ def _cases():
              [ref.arcface_threshold(0.3)]),
         Case(kml.ArcFaceLoss, {"s": 64.0, "m": 0.8}, 64.0, lambda c: ref.arcface_target(c, 64.0, 0.8),
              [ref.arcface_threshold(0.8)]),
-        # Combined margin: s = 64, (m1, m2, m3) = (1, 0.5, 0), plain formula.
-        Case(kml.CombinedMarginLoss, {}, 64.0, lambda c: ref.combined_target(c, 64.0, 1.0, 0.5, 0.0)),
+        # Combined margin: s = 64, (m1, m2, m3) = (1, 0.5, 0), with the monotone fallback past theta_t
+        # (kink or, for m1 == 1, ArcFace's jump at cos(theta_t)).
+        Case(kml.CombinedMarginLoss, {}, 64.0, lambda c: ref.combined_target(c, 64.0, 1.0, 0.5, 0.0),
+             _combined_kinks(1.0, 0.5)),
         Case(kml.CombinedMarginLoss, {"m1": 1.35, "m2": 0.25, "m3": 0.1}, 64.0,
-             lambda c: ref.combined_target(c, 64.0, 1.35, 0.25, 0.1)),
+             lambda c: ref.combined_target(c, 64.0, 1.35, 0.25, 0.1), _combined_kinks(1.35, 0.25)),
         Case(kml.CombinedMarginLoss, {"s": 30.0, "m1": 1.0, "m2": 0.3, "m3": 0.2}, 30.0,
-             lambda c: ref.combined_target(c, 30.0, 1.0, 0.3, 0.2)),
+             lambda c: ref.combined_target(c, 30.0, 1.0, 0.3, 0.2), _combined_kinks(1.0, 0.3)),
         Case(kml.CombinedMarginLoss, {"s": 64.0, "m1": 0.9, "m2": 0.4, "m3": 0.15}, 64.0,
-             lambda c: ref.combined_target(c, 64.0, 0.9, 0.4, 0.15)),
+             lambda c: ref.combined_target(c, 64.0, 0.9, 0.4, 0.15), _combined_kinks(0.9, 0.4)),
     ]
 
 
@@ -354,7 +361,8 @@ def test_combined_1_05_0_is_arcface_where_theta_plus_m_within_pi(s):
 
 
 def test_arcface_uses_the_fallback_below_the_threshold():
-    """Below cos(pi - m) ArcFace and the plain combined formula differ, and ArcFace follows cos - m sin m."""
+    """Below cos(pi - m) ArcFace follows cos - m sin m, and so does the combined margin (1, m, 0) (its monotone
+    fallback); the plain formula cos(theta + m) would differ there by more than 1 in the loss."""
     s, m = 64.0, 0.5
     rng = np.random.default_rng(15)
     labels = rng.integers(0, C, B)
@@ -366,7 +374,9 @@ def test_arcface_uses_the_fallback_below_the_threshold():
     combined = as_numpy(combined_loss(labels, cos.astype(np.float32)))
     fallback = ref.margin_loss(cos, labels, s, lambda c: s * (c - m * math.sin(m)), reduction=None)
     assert_values_close(arcface, fallback)
-    assert np.all(np.abs(arcface - combined) > 1.0)
+    assert_values_close(combined, fallback)
+    plain = ref.margin_loss(cos, labels, s, lambda c: ref.combined_target_plain(c, s, 1.0, m, 0.0), reduction=None)
+    assert np.all(np.abs(arcface - plain) > 1.0)
 
 
 # --------------------------------------------------------------------------------------------------

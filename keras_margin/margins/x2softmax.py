@@ -12,7 +12,7 @@ import math
 from keras import ops
 
 from keras_margin import _validation
-from keras_margin.margins._clamp import clamp_cos
+from keras_margin.margins._clamp import angle_from_cos
 
 DEFAULT_S = 64.0
 DEFAULT_A = -0.9
@@ -26,9 +26,19 @@ def x2softmax_target(cos_theta_y, a: float, h: float, k: float, straight_through
 
     With ``straight_through=True`` the value is the same but the gradient w.r.t. ``cos_theta_y`` is the
     identity, as in the authors' PyTorch code (margin computed under ``no_grad``). The default is the
-    analytic gradient ``2a(theta_y - h) * (-1 / sin(theta_y))``, finite thanks to the cosine clamp.
+    analytic gradient ``2a(theta_y - h) * (-1 / sin(theta_y))``, finite thanks to the cosine clamp. The angle
+    is arccos' value computed as ``atan2(sqrt((1 - cos)(1 + cos)), cos)``: autodiff of arccos divides by
+    ``sqrt(1 - cos^2)``, which in float32 puts a 2.5e-5 relative error in the loss gradient within 1e-3 of
+    ``cos = +-1``; this form keeps it at float32 rounding.
+
+    Example:
+    >>> import numpy as np
+    >>> from keras import ops
+    >>> c = np.array([1.0, 0.0, -1.0], "float32")  # theta = 0 (clamped: 4.9e-4), pi/2, pi
+    >>> np.round(ops.convert_to_numpy(x2softmax_target(c, -0.9, 0.0, 0.65)), 4)
+    array([ 0.65  , -1.5707, -8.2299], dtype=float32)
     """
-    theta = ops.arccos(clamp_cos(cos_theta_y))
+    theta = angle_from_cos(cos_theta_y)
     target = a * ops.square(theta - h) + k
     if straight_through:
         return cos_theta_y + ops.stop_gradient(target - cos_theta_y)
