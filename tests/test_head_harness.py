@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 
+import keras
 import pytest
 
 import keras_margin.layers
@@ -24,14 +25,16 @@ NUM_CLASSES = 10
 #: "forms" (the call forms the head supports, default all), "label_forms_add_loss" (see run_head_test).
 _SCHEDULE = {"bias_gamma": -0.05, "bias_min": -0.35}
 _UNFUSED_AND_FUSED = ("cosine", "logits_training", "logits_inference", "fused_training", "fused_inference")
+# A variant (other hyper-parameters of the same head) runs one form per code path; the default case runs all.
+_VARIANT = {"forms": ("cosine", "logits_training", "fused_chunked_training", "fused_sampled_training")}
 HEAD_CASES = {
-    "NormFaceHead": [("", {}, 1, 0, ()), ("learn_scale", {"learn_scale": True, "s": 16.0}, 2, 0, ())],
-    "SphereFaceHead": [("", {}, 1, 1, ()), ("m2", {"m": 2, "base": 10.0}, 1, 1, ())],
+    "NormFaceHead": [("", {}, 1, 0, ()), ("learn_scale", {"learn_scale": True, "s": 16.0}, 2, 0, (), _VARIANT)],
+    "SphereFaceHead": [("", {}, 1, 1, ()), ("m2", {"m": 2, "base": 10.0}, 1, 1, (), _VARIANT)],
     "AMSoftmaxHead": [("", {}, 1, 0, ()),
-                      ("caffe_schedule", {"margin_rule": "caffe", "margin_schedule": _SCHEDULE}, 1, 2, ())],
+                      ("caffe_schedule", {"margin_rule": "caffe", "margin_schedule": _SCHEDULE}, 1, 2, (), _VARIANT)],
     "X2SoftmaxHead": [("", {}, 1, 0, ())],
     "ArcFaceHead": [("", {}, 1, 0, ())],
-    "CombinedMarginHead": [("", {}, 1, 0, ()), ("m1", {"m1": 1.35, "m2": 0.2, "m3": 0.1}, 1, 0, ())],
+    "CombinedMarginHead": [("", {}, 1, 0, ()), ("m1", {"m1": 1.35, "m2": 0.2, "m3": 0.1}, 1, 0, (), _VARIANT)],
     "NormFaceContrastiveHead": [("", {}, 3, 0, ("cosine",),
                                  {"forms": _UNFUSED_AND_FUSED, "label_forms_add_loss": True})],
 }
@@ -46,6 +49,10 @@ def exported_heads():
     return heads
 
 
+_TENSORFLOW_ONLY = pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                                      reason="harness variants run on TensorFlow; the default cases cover this backend")
+
+
 def _cases():
     cases = []
     for cls in exported_heads():
@@ -53,9 +60,13 @@ def _cases():
                 cls.__name__, [("", {}, None, None, ())]):
             options = dict(options[0]) if options else {}
             case_id = cls.__name__ + (f"-{suffix}" if suffix else "")
+            # A variant exercises hyper-parameters, whose code is backend-independent: on TensorFlow only
+            # (the default case runs every code path on both backends; test_objectives_as_released and
+            # test_combined_margin check the variants' numbers on both).
+            marks = [_TENSORFLOW_ONLY] if suffix else []
             for form in options.pop("forms", FORMS):
                 cases.append(pytest.param(cls, kwargs, trainable, non_trainable, untrainable, options, form,
-                                          id=f"{case_id}-{form}"))
+                                          id=f"{case_id}-{form}", marks=marks))
     return cases
 
 

@@ -46,7 +46,9 @@ def _train(head_factory, policy):
     return model, history, before, after
 
 
-@pytest.mark.parametrize("policy", ["float32", "mixed_float16", "mixed_bfloat16"])
+# Convergence under XLA in float32 and float16 (the half type with the narrower range); bfloat16 training steps
+# of every head and call form are tests/harness.py's (test_head_harness).
+@pytest.mark.parametrize("policy", ["float32", "mixed_float16"])
 @pytest.mark.parametrize("name", list(HEADS))
 def test_head_trains_in_sequential_under_xla(name, policy):
     model, history, before, after = _train(HEADS[name], policy)
