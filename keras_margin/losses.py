@@ -289,11 +289,12 @@ def arcface_loss(y_true, cos_theta, s: float = arcface.DEFAULT_S, m: float = arc
 def combined_margin_loss(y_true, cos_theta, s: float = arcface.COMBINED_DEFAULT_S,
                          m1: float = arcface.COMBINED_DEFAULT_M1, m2: float = arcface.COMBINED_DEFAULT_M2,
                          m3: float = arcface.COMBINED_DEFAULT_M3):
-    """Combined margin: ``z_y = s * (cos(m1 * theta_y + m2) - m3)``.
+    """Combined margin: ``z_y = s * (cos(m1 * theta_y + m2) - m3)``, monotone past ``m1 * theta_y + m2 = pi``.
 
     Formula:
     ```
     z_y = s * (cos(m1 * theta_y + m2) - m3),  z_j = s * cos(theta_j)  (j != y)
+    z_y = s * (cos(theta_y) - m3 - c)          once m1 * theta_y + m2 > pi (see combined_margin_target)
     ```
 
     Args:
@@ -629,8 +630,9 @@ class CombinedMarginLoss(MarginLoss):
     ```
     z_y = s * (cos(m1 * theta_y + m2) - m3),  z_j = s * cos(theta_j)  (j != y)
     ```
-    (1, 0, 0) is NormFace, (1, 0, 0.35) AM-Softmax, (1, 0.5, 0) ArcFace while theta_y + 0.5 <= pi (this
-    loss applies the plain formula everywhere; ``ArcFaceLoss`` adds InsightFace's monotone fallback).
+    (1, 0, 0) is NormFace, (1, 0, 0.35) AM-Softmax, (1, 0.5, 0) ArcFace (exactly ``ArcFaceLoss``, its
+    fallback included). Past ``m1 * theta_y + m2 = pi`` the target falls back to a monotone
+    ``cos(theta_y) - m3 - c``; ``keras_margin.margins.combined_margin_target`` states ``c``.
 
     Args:
         s: Float, the scale, > 0. Defaults to `64.0`.
