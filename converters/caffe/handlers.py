@@ -1169,16 +1169,10 @@ class AMSoftmaxHeadHandler(_HeadHandler):
         a = layer.attrs
         if a["margin_schedule"] is None:
             return [kernel]
-        start = float(np.asarray(scheduled_margin_value(a["iteration"], a["margin_schedule"])))
+        from keras_margin.margins.amsoftmax import scheduled_margin  # the head's own schedule, not a second copy
+
+        start = float(np.asarray(scheduled_margin(a["iteration"], **a["margin_schedule"])))
         return [kernel, np.asarray(a["iteration"], dtype=np.int32), np.asarray(start, dtype=np.float32)]
-
-
-def scheduled_margin_value(iteration: int, schedule: dict) -> float:
-    """The Caffe LabelSpecificAdd margin at ``iteration``, in float32 NumPy (the converter's own arithmetic)."""
-    f = np.float32
-    bias = f(schedule["bias_base"]) + np.power(f(1) + f(schedule["bias_gamma"]) * f(iteration),
-                                                f(schedule["bias_power"])) - f(1)
-    return float(-min(max(bias, f(schedule["bias_min"])), f(schedule["bias_max"])))
 
 
 @register("keras_margin.NormFaceHead")
