@@ -134,7 +134,7 @@ def test_train_phase_cosines_equal_numpy(train, images, fc5_reference, files):
 def test_test_phase_of_the_train_prototxt_keeps_the_head(files):
     conversion = convert(_prototxt("generated", "train", files["dir"]), files["caffemodel"],
                          input_shape=(3, 112, 96))
-    assert conversion.heads == ["AMSoftmaxHead 'fc6_l2' (num_classes=10516, s=30, m=0.35, margin_rule=caffe)"]
+    assert [str(head) for head in conversion.heads] == ["AMSoftmaxHead 'fc6_l2' (num_classes=10516, s=30, m=0.35, margin_rule=caffe)"]
     assert sorted(d.type for d in conversion.plan.dropped) == ["Accuracy", "SoftmaxWithLoss"]
 
 

@@ -17,9 +17,8 @@ import numpy as np
 
 from converters.caffe import registry
 from converters.caffe.errors import CaffeWarning, ConversionError
-from converters.caffe.planner import Plan, plan_net
+from converters.caffe.planner import Plan, PlannedLayer, plan_net
 from converters.caffe.reader import Caffemodel, CaffeNet, read_caffemodel, read_prototxt
-from converters.caffe.registry import PlannedLayer
 from converters.caffe.shapes import keras_shape
 
 __all__ = ["BuildContext", "Conversion", "build_model", "convert", "load_caffe_model"]
@@ -68,7 +67,7 @@ class Conversion:
     model: keras.Model
     plan: Plan
     tensors: dict  # blob id -> Keras tensor of the model's graph (for layer-by-layer parity probes)
-    heads: list[str] = field(default_factory=list)
+    heads: list = field(default_factory=list)  # fusion.HeadSpec of each fused head, in order
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -179,8 +178,8 @@ def build_model(plan: Plan, caffemodel: Caffemodel | None = None, progress: Prog
             _assign(layer, keras_layer, arrays)
         model_inputs.extend(built.model_inputs)
         notes.extend(built.notes)
-        if layer.type.startswith("keras_margin."):
-            heads.append(_describe_head(layer))
+        if layer.head is not None:
+            heads.append(layer.head)
         if progress is not None:
             progress(done, total, layer.name)
     if given is not None and not ctx.contracts:
@@ -201,21 +200,6 @@ def build_model(plan: Plan, caffemodel: Caffemodel | None = None, progress: Prog
             notes.append(f"layer '{layer.name}': every param has lr_mult 0 in the prototxt; its Keras layers are "
                          "frozen (trainable=False)")
     return Conversion(model=model, plan=plan, tensors=tensors, heads=heads, notes=notes)
-
-
-_HEAD_KEYS = {
-    "keras_margin.AMSoftmaxHead": ("num_classes", "s", "m", "margin_rule"),
-    "keras_margin.NormFaceHead": ("num_classes", "s", "learn_scale"),
-    "keras_margin.CosineDense": ("num_classes",),
-    "keras_margin.SphereFaceHead": ("num_classes", "m", "base", "gamma", "power", "lambda_min", "iteration"),
-}
-
-
-def _describe_head(layer: PlannedLayer) -> str:
-    """E.g. "AMSoftmaxHead 'fc6_l2' (num_classes=10516, s=30, m=0.35)"."""
-    values = [(key, layer.attrs[key]) for key in _HEAD_KEYS.get(layer.type, ())]
-    text = ", ".join(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}" for key, value in values)
-    return f"{layer.type.split('.', 1)[1]} '{layer.name}' ({text})"
 
 
 def convert(prototxt: str | os.PathLike | CaffeNet, caffemodel: str | os.PathLike | Caffemodel | None = None,

@@ -209,7 +209,7 @@ def _run(args: argparse.Namespace) -> int:
     for head in conversion.heads or ["none"]:
         lines.append(f"  head      {head}")
     if conversion.heads:
-        first = conversion.heads[0].split("'")[1]
+        first = conversion.heads[0].layer
         lines.append(f"            compile with loss=model.get_layer('{first}').loss; it outputs cos(theta)")
     for fusion in plan.fusions:
         lines.append(f"  fused     {fusion}")

@@ -11,7 +11,6 @@ so both sides hold the same weights. An OpenCV failure (``cv2.error``) becomes a
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -29,6 +28,7 @@ from converters.caffe.errors import ConversionError
 from converters.caffe.handlers import DATA_LAYER_TYPES
 from converters.caffe.planner import TRAINING_ONLY_TYPES, Plan, plan_net
 from converters.caffe.reader import CaffeNet, read_prototxt
+from converters.caffe.stand_ins import stand_in_type
 
 __all__ = ["BlobParity", "ParityReport", "parity_report", "opencv_reference", "load_reference_npz",
            "opencv_prototxt", "check_reference", "initial_weights_caffemodel", "MAX_NPZ_BYTES", "FILLER_WEIGHTS"]
@@ -183,81 +183,7 @@ def load_reference_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------------------------------
 
 
-class _PyLayer:
-    def __init__(self, params, blobs):
-        self.config = json.loads(params.get("param_str") or "{}")
-        self.blobs = [np.asarray(blob, np.float32) for blob in blobs]
-
-    def getMemoryShapes(self, inputs):  # noqa: N802 (OpenCV's name)
-        return [inputs[0]]
-
-
-class _FlipLayer(_PyLayer):
-    def forward(self, inputs):
-        x = inputs[0]
-        if x.ndim == 4 and self.config.get("width", True):
-            x = x[..., ::-1]
-        if x.ndim == 4 and self.config.get("height", False):
-            x = x[..., ::-1, :]
-        return [np.ascontiguousarray(x)]
-
-
-class _NormalizeLayer(_PyLayer):
-    def forward(self, inputs):
-        x = inputs[0].astype(np.float64)
-        if self.config.get("type", "L2") == "L2":
-            y = x / np.sqrt(np.sum(x * x, axis=1, keepdims=True) + 1e-6)
-        else:
-            y = x / (np.sum(np.abs(x), axis=1, keepdims=True) + 1e-6)
-        return [y.astype(np.float32)]
-
-
-class _RowNormalizedInnerProduct(_PyLayer):
-    """InnerProduct ``normalize: true`` (eps 1e-6) and MarginInnerProduct's label-free ``x . w_hat`` (eps 0)."""
-
-    def _axis(self, shape):
-        axis = self.config.get("axis", 1)
-        return axis + len(shape) if axis < 0 else axis
-
-    def getMemoryShapes(self, inputs):  # noqa: N802
-        return [list(inputs[0][: self._axis(inputs[0])]) + [self.config["num_output"]]]
-
-    def forward(self, inputs):
-        x = inputs[0]
-        axis = self._axis(x.shape)
-        n = self.config["num_output"]
-        weight = self.blobs[0].astype(np.float64).reshape(n, -1)
-        weight = weight / np.sqrt(np.sum(weight * weight, axis=1, keepdims=True) + self.config.get("eps", 0.0))
-        weight = weight.reshape(-1, n) if self.config.get("transpose") else weight.T  # (K, N)
-        flat = x.reshape(*x.shape[:axis], -1).astype(np.float64)
-        y = flat @ weight
-        if self.config.get("bias_term") and len(self.blobs) > 1:
-            y = y + self.blobs[1].reshape(-1)
-        return [y.astype(np.float32)]
-
-
-class _ClampedScale(_PyLayer):
-    def forward(self, inputs):
-        x = inputs[0]
-        axis, num_axes = self.config["axis"], self.config["num_axes"]
-        axis = axis + x.ndim if axis < 0 else axis
-        stop = x.ndim if num_axes == -1 else axis + num_axes
-        shape = [1] * x.ndim
-        shape[axis:stop] = x.shape[axis:stop]
-        scale = np.clip(self.blobs[0], self.config.get("min"), self.config.get("max"))
-        y = x * scale.reshape(shape if num_axes else [1] * x.ndim)
-        if self.config.get("bias_term"):
-            y = y + self.blobs[1].reshape(shape if num_axes else [1] * x.ndim)
-        return [y.astype(np.float32)]
-
-
-_PY_LAYERS = {
-    "KerasMarginFlip": _FlipLayer,
-    "KerasMarginNormalize": _NormalizeLayer,
-    "KerasMarginRowNormalizedInnerProduct": _RowNormalizedInnerProduct,
-    "KerasMarginClampedScale": _ClampedScale,
-}
-_registered = False
+_registered: set[str] = set()
 
 
 def _cv2():
@@ -269,32 +195,32 @@ def _cv2():
     if not hasattr(cv2, "dnn") or not hasattr(cv2.dnn, "readNetFromCaffe"):
         raise ConversionError(f"OpenCV {cv2.__version__} has no cv2.dnn.readNetFromCaffe; "
                               "use opencv-python-headless < 5")
-    global _registered
-    if not _registered:
-        for name, cls in _PY_LAYERS.items():
-            cv2.dnn_registerLayer(name, cls)
-        _registered = True
     return cv2
 
 
-def _python_layer(copy, type_name: str, config: dict, keep_bottoms: int | None = None) -> None:
-    for field_name in ("flip_param", "normalize_param", "inner_product_param", "margin_inner_product_param",
-                       "scale_param", "label_specific_add_param"):
-        copy.ClearField(field_name)
-    copy.type = type_name
-    copy.python_param.param_str = json.dumps(config)
-    if keep_bottoms is not None:
-        del copy.bottom[keep_bottoms:]
+def _register_stand_ins(cv2, classes) -> None:
+    for cls in classes:
+        name = stand_in_type(cls)
+        if name not in _registered:
+            cv2.dnn_registerLayer(name, cls)
+            _registered.add(name)
 
 
 def opencv_prototxt(plan: Plan, batch_size: int) -> str:
     """The plan's (phase-filtered, upgraded) net as a prototxt OpenCV's importer runs with our Python layers.
 
     Data layers become Input layers fed with the transformed data; training-only layers are left out; the
-    fork layers become ``KerasMargin*`` Python layers; LabelSpecificAdd (identity at inference) becomes a
-    Split; second tops get ``Split`` probes (``__probe__<blob>``) so OpenCV exposes them.
+    handlers prepare their layers (``Handler.opencv_layer``: fork layers become ``KerasMargin*`` Python
+    stand-ins, LabelSpecificAdd a Split); second tops get ``Split`` probes (``__probe__<blob>``) so OpenCV exposes them.
     """
+    text, _ = _opencv_net(plan, batch_size)
+    return text
+
+
+def _opencv_net(plan: Plan, batch_size: int) -> tuple[str, set]:
+    """``opencv_prototxt`` and the stand-in classes it uses."""
     net = schema.NetParameter(name=plan.name or "reference")
+    stand_ins: set = set()
     input_tops = {top for layer in plan.layers if registry.lookup(layer.type).is_input
                   for top in layer.top_names}
     shapes_by_name = {}
@@ -318,43 +244,14 @@ def opencv_prototxt(plan: Plan, batch_size: int) -> str:
                 copy.top.append(top)
                 copy.input_param.shape.add().dim.extend([batch_size, *shapes_by_name[top][1:]])
             continue
-        if kind == "Flip":
-            p = layer.flip_param
-            _python_layer(copy, "KerasMarginFlip", {"width": p.flip_width, "height": p.flip_height})
-        elif kind == "Normalize":
-            _python_layer(copy, "KerasMarginNormalize", {"type": layer.normalize_param.normalize_type})
-        elif kind == "InnerProduct" and layer.inner_product_param.normalize:
-            p = layer.inner_product_param
-            _python_layer(copy, "KerasMarginRowNormalizedInnerProduct",
-                          {"num_output": p.num_output, "axis": p.axis, "transpose": p.transpose,
-                           "bias_term": p.bias_term, "eps": 1e-6})
-        elif kind == "MarginInnerProduct":
-            p = layer.margin_inner_product_param
-            _python_layer(copy, "KerasMarginRowNormalizedInnerProduct",
-                          {"num_output": p.num_output, "axis": p.axis, "eps": 0.0}, keep_bottoms=1)
-            del copy.top[1:]
-        elif kind == "LabelSpecificAdd":
-            copy.ClearField("label_specific_add_param")
-            copy.type = "Split"
-            del copy.bottom[1:]
-        elif kind == "Scale" and (layer.scale_param.HasField("min_value") or layer.scale_param.HasField("max_value")):
-            p = layer.scale_param
-            _python_layer(copy, "KerasMarginClampedScale",
-                          {"axis": p.axis, "num_axes": p.num_axes, "bias_term": p.bias_term,
-                           "min": p.min_value if p.HasField("min_value") else None,
-                           "max": p.max_value if p.HasField("max_value") else None})
-        elif kind == "Pooling":
-            p = copy.pooling_param
-            if p.round_mode == 1:
-                p.ceil_mode = False
-            p.ClearField("round_mode")
-        elif kind == "Dropout":
-            copy.dropout_param.ClearField("sqrt_scale")
+        stand_in = registry.lookup(kind).opencv_layer(layer, copy)
+        if stand_in is not None:
+            stand_ins.add(stand_in)
         for extra in copy.top[1:]:
             probe = net.layer.add(name=f"__probe__{extra}", type="Split")
             probe.bottom.append(extra)
             probe.top.append(f"__probe__{extra}")
-    return text_format.MessageToString(net)
+    return text_format.MessageToString(net), stand_ins
 
 
 def opencv_reference(plan: Plan, caffemodel: str, feeds: Mapping[str, np.ndarray],
@@ -365,7 +262,9 @@ def opencv_reference(plan: Plan, caffemodel: str, feeds: Mapping[str, np.ndarray
     with tempfile.TemporaryDirectory() as tmp:
         prototxt = os.path.join(tmp, "reference.prototxt")
         with open(prototxt, "w") as handle:
-            handle.write(opencv_prototxt(plan, batch))
+            text, classes = _opencv_net(plan, batch)
+            handle.write(text)
+        _register_stand_ins(cv2, classes)
         try:
             net = cv2.dnn.readNetFromCaffe(prototxt, caffemodel)
         except cv2.error as error:

@@ -8,17 +8,14 @@ expected shape, fusion of the margin-softmax layer chains into keras_margin head
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
-import numpy as np
-
-from converters.caffe import registry, schema
+from converters.caffe import fusion, registry, schema
 from converters.caffe.errors import ConversionError
 from converters.caffe.reader import Caffemodel, CaffeNet, UnknownField
-from converters.caffe.registry import PlannedLayer
-from converters.caffe.shapes import canonical_axis, count
+from converters.caffe.shapes import count
 
-__all__ = ["Plan", "DroppedLayer", "plan_net", "MAX_PARAMETERS", "TRAINING_ONLY_TYPES"]
+__all__ = ["PlannedLayer", "Plan", "DroppedLayer", "plan_net", "MAX_PARAMETERS", "TRAINING_ONLY_TYPES"]
 
 #: A caffemodel is at most 2 GiB (Caffe's read limit), i.e. at most 2**29 float32 values; a prototxt that
 #: implies more parameters than that is refused before anything is allocated.
@@ -27,8 +24,41 @@ MAX_PARAMETERS = 2**29
 #: Layer types that only matter for training (besides every type ending in "Loss"); they are dropped.
 TRAINING_ONLY_TYPES = frozenset({"Accuracy", "Silence", "HDF5Output"})
 
-#: Eps used by the happynear fork when it normalises InnerProduct weight rows (CPU code).
-_IP_ROW_EPS = 1e-6
+
+Shape = tuple  # Caffe order, batch first (None)
+
+
+@dataclass
+class PlannedLayer:
+    """One layer of the plan: a Caffe layer (or several fused into one head) with resolved blobs and shapes.
+
+    ``bottoms``/``tops`` are blob ids: the Caffe blob name, suffixed ``#k`` for the k-th in-place rewrite.
+    Shapes are Caffe-ordered (N, C, H, W) tuples with ``None`` for the batch.
+    """
+
+    name: str
+    type: str
+    param: Any  # schema.LayerParameter
+    bottoms: list[str]
+    tops: list[str]
+    top_names: list[str]
+    input_shapes: list[Shape] = field(default_factory=list)
+    output_shapes: list[Shape] = field(default_factory=list)
+    weight_shapes: list[Shape] = field(default_factory=list)
+    weight_layers: list[str] = field(default_factory=list)  # caffemodel layers whose blobs feed this layer
+    weights_found: bool = False  # the caffemodel holds this layer's blobs
+    members: list[str] = field(default_factory=list)  # Caffe layers this one stands for (fusion)
+    attrs: dict = field(default_factory=dict)
+    index: int = 0  # position in the (phase-filtered) prototxt
+    head: Any = None  # fusion.HeadSpec of a fused head
+
+    @property
+    def in_place(self) -> bool:
+        return any(top.split("#")[0] in {bottom.split("#")[0] for bottom in self.bottoms} for top in self.tops)
+
+    def error(self, message: str) -> ConversionError:
+        """A ``ConversionError`` naming this layer."""
+        return ConversionError(message, layer=self.name, layer_type=self.param.type or self.type)
 
 
 @dataclass(frozen=True)
@@ -201,7 +231,7 @@ def plan_net(net: CaffeNet, caffemodel: Caffemodel | None = None, phase: str = "
     _infer_shapes(planned, plan)
     plan.layer_weight_shapes = {layer.name: list(layer.weight_shapes) for layer in planned if layer.weight_shapes}
     _check_weights(planned, caffemodel, plan)
-    planned = _fuse_heads(planned, caffemodel, plan)
+    planned = fusion.fuse(planned, caffemodel, plan)
     plan.layers = planned
 
     total = 0
@@ -332,175 +362,3 @@ def _check_weights(planned: list[PlannedLayer], caffemodel: Caffemodel | None, p
             if name not in members and name not in used_names and caffemodel.blob_shapes(name):
                 if name not in plan.unused_weights:
                     plan.unused_weights.append(name)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Head fusion
-# ----------------------------------------------------------------------------------------------------
-
-
-def _f32(value: float) -> float:
-    """A float32 proto value as the decimal it was written as (0.35, not 0.3499999940395355)."""
-    return float(str(np.float32(value)))
-
-
-def _constant_scale(layer: PlannedLayer, caffemodel: Caffemodel | None) -> float | None:
-    """The single value of a Scale layer's parameter (after the fork's clamp), or None if not constant."""
-    p = layer.param.scale_param
-    if p.bias_term or len(layer.bottoms) != 1:
-        return None
-    if layer.weights_found and caffemodel is not None:
-        values = caffemodel.blobs(layer.name)[0].astype(np.float64)
-        if p.HasField("min_value") or p.HasField("max_value"):
-            values = np.clip(values, p.min_value if p.HasField("min_value") else None,
-                             p.max_value if p.HasField("max_value") else None)
-        if values.size == 0 or not np.all(values == values.flat[0]):
-            return None
-        return _f32(values.flat[0])
-    if not p.HasField("filler"):
-        return 1.0
-    if p.filler.type != "constant":
-        return None
-    value = p.filler.value
-    if p.HasField("min_value"):
-        value = max(value, p.min_value)
-    if p.HasField("max_value"):
-        value = min(value, p.max_value)
-    return _f32(value)
-
-
-def _fuse_heads(planned: list[PlannedLayer], caffemodel: Caffemodel | None, plan: Plan) -> list[PlannedLayer]:
-    consumers: dict[str, list[PlannedLayer]] = {}
-    producers: dict[str, PlannedLayer] = {}
-    for layer in planned:
-        for bottom in layer.bottoms:
-            consumers.setdefault(bottom, []).append(layer)
-        for top in layer.tops:
-            producers[top] = layer
-
-    replaced: dict[str, PlannedLayer] = {}  # first member name -> fused layer
-    removed: set[str] = set()
-
-    def users_of(layer: PlannedLayer) -> list[PlannedLayer] | None:
-        """The layers reading ``layer``'s single top ([] when none), or None for a multi-top layer."""
-        return consumers.get(layer.tops[0], []) if len(layer.tops) == 1 else None
-
-    for layer in planned:
-        if layer.type == "InnerProduct" and layer.param.inner_product_param.normalize:
-            fused = _fuse_normalized_ip(layer, users_of, producers, caffemodel, plan)
-        elif layer.type == "MarginInnerProduct":
-            fused = _fuse_margin_ip(layer, users_of, plan)
-        else:
-            continue
-        if fused is not None:
-            replaced[layer.name] = fused
-            removed.update(fused.members[1:])
-    result = []
-    for layer in planned:
-        if layer.name in replaced:
-            result.append(replaced[layer.name])
-        elif layer.name not in removed:
-            result.append(layer)
-    return result
-
-
-def _head_layer(base: PlannedLayer, head_type: str, members: list[PlannedLayer], attrs: dict) -> PlannedLayer:
-    # The head outputs cos(theta), which is the first member's top (e.g. "fc6"); the later members' tops
-    # (the margin and the scale) feed nothing but losses, so no layer misses them.
-    return PlannedLayer(
-        name=base.name, type=head_type, param=base.param, bottoms=list(base.bottoms), tops=[base.tops[0]],
-        top_names=[base.top_names[0]], input_shapes=list(base.input_shapes),
-        output_shapes=[(None, attrs["num_classes"])], weight_shapes=list(base.weight_shapes),
-        weight_layers=[base.name], weights_found=base.weights_found, members=[m.name for m in members],
-        attrs={**attrs, "weight_shape": base.weight_shapes[0]}, index=base.index,
-    )
-
-
-def _fuse_normalized_ip(ip: PlannedLayer, users_of, producers, caffemodel, plan: Plan) -> PlannedLayer | None:
-    p = ip.param.inner_product_param
-    shape = ip.input_shapes[0]
-    if p.bias_term or len(ip.bottoms) != 1 or len(ip.tops) != 1 or len(shape) != 2 or canonical_axis(p.axis, 2) != 1:
-        plan.warnings.append(f"layer '{ip.name}': InnerProduct normalize with a bias, several tops or a "
-                             "non-2-D bottom stays a Dense layer (no margin head)")
-        return None
-    source = producers.get(ip.bottoms[0])
-    if source is None or source.type != "Normalize" or source.param.normalize_param.normalize_type != "L2":
-        plan.warnings.append(f"layer '{ip.name}': its bottom is not L2-normalised, so its output is not a cosine; "
-                             "it stays a Dense layer with row-normalised weights (no margin head)")
-        return None
-    attrs = {"num_classes": p.num_output, "row_eps": _IP_ROW_EPS, "transpose": p.transpose,
-             "reference": {"layer": ip.name, "top": ip.top_names[0], "kind": "cosine"}}
-    users = users_of(ip)
-    if users == []:
-        plan.fusions.append(f"{ip.name} (InnerProduct normalize) -> CosineDense({p.num_output})")
-        return _head_layer(ip, "keras_margin.CosineDense", [ip], attrs)
-    if users is None or len(users) != 1:
-        return None
-    nxt = users[0]
-    if nxt.type == "LabelSpecificAdd":
-        scale_users = users_of(nxt)
-        if not scale_users or len(scale_users) != 1 or scale_users[0].type != "Scale":
-            plan.warnings.append(f"layer '{nxt.name}': LabelSpecificAdd not followed by a Scale; no AMSoftmaxHead")
-            return None
-        scale = scale_users[0]
-        if users_of(scale) != []:
-            plan.warnings.append(f"layer '{scale.name}': its output feeds other layers; no AMSoftmaxHead")
-            return None
-        s = _constant_scale(scale, caffemodel)
-        lsa = nxt.param.label_specific_add_param
-        m = -_f32(lsa.bias)
-        if s is None or s <= 0 or not 0.0 <= m <= 1.0:
-            plan.warnings.append(f"layers '{ip.name}' -> '{nxt.name}' -> '{scale.name}': scale {s} / margin {m} "
-                                 "is not a constant s > 0 and m in [0, 1]; no AMSoftmaxHead")
-            return None
-        schedule = None
-        if lsa.HasField("bias_base"):  # the layer anneals exactly when bias_base is set (has_bias_base())
-            schedule = {key: _f32(getattr(lsa, key)) for key in
-                        ("bias_base", "bias_gamma", "bias_power", "bias_min", "bias_max")}
-            if not -1.0 <= schedule["bias_min"] <= schedule["bias_max"] <= 0.0:
-                plan.warnings.append(f"layer '{nxt.name}': margin schedule bias_min={schedule['bias_min']:g}, "
-                                     f"bias_max={schedule['bias_max']:g} is not within -1 <= bias_min <= bias_max "
-                                     "<= 0 (a margin in [0, 1]); no AMSoftmaxHead")
-                return None
-            plan.warnings.append(f"layer '{nxt.name}': annealed margin; the head follows the layer's schedule "
-                                 f"(margin_schedule={schedule}) from iteration {lsa.iteration}")
-        # The released layer's rule (the margin only where cos_y > m), so training matches the fork.
-        attrs.update(s=s, m=m, margin_rule="caffe", margin_schedule=schedule, iteration=int(lsa.iteration))
-        plan.fusions.append(f"{ip.name} + {nxt.name} + {scale.name} -> AMSoftmaxHead({p.num_output}, s={s:g}, m={m:g}, "
-                            f"margin_rule='caffe'{', margin_schedule=...' if schedule else ''})")
-        return _head_layer(ip, "keras_margin.AMSoftmaxHead", [ip, nxt, scale], attrs)
-    if nxt.type == "Scale":
-        if users_of(nxt) != []:
-            return None
-        s = _constant_scale(nxt, caffemodel)
-        if s is None or s <= 0:
-            return None
-        sp = nxt.param.scale_param
-        # Caffe learns a Scale blob unless its ParamSpec says lr_mult: 0 (the default lr_mult is 1).
-        learned = not (len(nxt.param.param) > 0 and nxt.param.param[0].lr_mult == 0)
-        scale_min = _f32(sp.min_value) if learned and sp.HasField("min_value") else None
-        if learned and (sp.HasField("max_value") or (scale_min is not None and not 0.0 < scale_min <= s)):
-            plan.warnings.append(f"layer '{nxt.name}': a learned scale with max_value or a floor outside (0, s] "
-                                 f"converts as a fixed s={s:g}")
-            learned, scale_min = False, None
-        attrs.update(s=s, learn_scale=learned, scale_min=scale_min)
-        plan.fusions.append(f"{ip.name} + {nxt.name} -> NormFaceHead({p.num_output}, s={s:g}"
-                            f"{', learn_scale=True' if learned else ''})")
-        return _head_layer(ip, "keras_margin.NormFaceHead", [ip, nxt], attrs)
-    return None
-
-
-def _fuse_margin_ip(mip: PlannedLayer, users_of, plan: Plan) -> PlannedLayer | None:
-    p = mip.param.margin_inner_product_param
-    shape = mip.input_shapes[0]
-    if len(mip.tops) != 1 or users_of(mip) != [] or len(shape) != 2:
-        return None
-    m = int(p.type) + 1
-    attrs = {"num_classes": p.num_output, "m": m, "base": _f32(p.base), "gamma": _f32(p.gamma),
-             "power": _f32(p.power), "lambda_min": _f32(p.lambda_min), "iteration": int(p.iteration),
-             "row_eps": 0.0, "transpose": False,
-             "reference": {"layer": mip.name, "top": mip.top_names[0], "kind": "cos_from_logits"}}
-    plan.fusions.append(f"{mip.name} (MarginInnerProduct) -> SphereFaceHead({p.num_output}, m={m}, "
-                        f"base={p.base:g}, gamma={p.gamma:g}, power={p.power:g}, lambda_min={p.lambda_min:g}, "
-                        f"iteration={p.iteration})")
-    return _head_layer(mip, "keras_margin.SphereFaceHead", [mip], attrs)

@@ -8,45 +8,14 @@ never name a layer type themselves.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 
-from converters.caffe.errors import ConversionError
+if TYPE_CHECKING:  # the planner imports this module
+    from converters.caffe.planner import PlannedLayer
 
-__all__ = ["PlannedLayer", "Built", "Handler", "register", "lookup", "registered_types", "unregister"]
+__all__ = ["Built", "Handler", "register", "lookup", "registered_types", "unregister"]
 
 Shape = tuple  # Caffe order, batch first (None)
-
-
-@dataclass
-class PlannedLayer:
-    """One layer of the plan: a Caffe layer (or several fused into one head) with resolved blobs and shapes.
-
-    ``bottoms``/``tops`` are blob ids: the Caffe blob name, suffixed ``#k`` for the k-th in-place rewrite.
-    Shapes are Caffe-ordered (N, C, H, W) tuples with ``None`` for the batch.
-    """
-
-    name: str
-    type: str
-    param: Any  # schema.LayerParameter
-    bottoms: list[str]
-    tops: list[str]
-    top_names: list[str]
-    input_shapes: list[Shape] = field(default_factory=list)
-    output_shapes: list[Shape] = field(default_factory=list)
-    weight_shapes: list[Shape] = field(default_factory=list)
-    weight_layers: list[str] = field(default_factory=list)  # caffemodel layers whose blobs feed this layer
-    weights_found: bool = False  # the caffemodel holds this layer's blobs
-    members: list[str] = field(default_factory=list)  # Caffe layers this one stands for (fusion)
-    attrs: dict = field(default_factory=dict)
-    index: int = 0  # position in the (phase-filtered) prototxt
-
-    @property
-    def in_place(self) -> bool:
-        return any(top.split("#")[0] in {bottom.split("#")[0] for bottom in self.bottoms} for top in self.tops)
-
-    def error(self, message: str) -> ConversionError:
-        """A ``ConversionError`` naming this layer."""
-        return ConversionError(message, layer=self.name, layer_type=self.param.type or self.type)
 
 
 @dataclass
@@ -106,6 +75,14 @@ class Handler:
 
     def build(self, ctx, layer: PlannedLayer, inputs: list, weights: list | None) -> Built:
         raise NotImplementedError(f"{type(self).__name__}.build")
+
+    def opencv_layer(self, layer, copy) -> type | None:
+        """Prepare ``copy`` (Caffe ``layer`` as OpenCV's importer will read it) for the parity run.
+
+        Return a ``stand_ins.StandIn`` class after ``stand_ins.python_layer(copy, ...)`` when OpenCV lacks the
+        type, else None; the default leaves the copy as it is (OpenCV runs the type natively).
+        """
+        return None
 
 
 _REGISTRY: dict[str, Handler] = {}
