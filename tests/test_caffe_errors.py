@@ -106,7 +106,7 @@ def test_a_registered_handler_converts_a_custom_type(tmp_path):
     ('layer { name: "train_data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 2 } }\n'
      '        include { phase: TRAIN } }\n'
      'layer { name: "relu" type: "ReLU" bottom: "data" top: "relu" }',
-     "bottom 'data' is not available: it comes from layer 'train_data' (Input), which phase TEST excludes; "
+     "bottom 'data' is not available: it comes from layer(s) 'train_data' (Input), which phase TEST excludes; "
      "try the other --phase"),
     ('input: "data" input_shape { dim: 1 dim: 2 }\n'
      'layer { name: "loss" type: "EuclideanLoss" bottom: "data" bottom: "data" top: "loss" }\n'

@@ -105,6 +105,53 @@ def _frozen(layer: PlannedLayer) -> bool:
             and all(spec.lr_mult == 0 for spec in specs[: len(layer.weight_shapes)]))
 
 
+def _frozen_blobs(layer: PlannedLayer) -> list[int]:
+    """Indices of the blobs whose ParamSpec says ``lr_mult: 0`` (Caffe never updates them)."""
+    if layer.type == "BatchNorm" or layer.head is not None:
+        return []
+    specs = layer.param.param
+    return [index for index in range(min(len(specs), len(layer.weight_shapes))) if specs[index].lr_mult == 0]
+
+
+def _freeze_blobs(layer: PlannedLayer, keras_layers: list, notes: list) -> list[str]:
+    """Freeze the Keras variables of a layer's ``lr_mult: 0`` blobs when others train (e.g. a frozen bias).
+
+    Blob i is the i-th variable of the one Keras layer holding as many variables as the Caffe layer has blobs
+    (Convolution, InnerProduct, Scale, PReLU: kernel then bias). Returns the frozen variables' paths.
+    """
+    frozen = _frozen_blobs(layer)
+    if not frozen:
+        return []
+    holders = [keras_layer for keras_layer in keras_layers if keras_layer.weights]
+    if len(holders) != 1 or len(holders[0].weights) != len(layer.weight_shapes):
+        notes.append(f"layer '{layer.name}': blob(s) {frozen} have lr_mult 0 but map to no single Keras variable; "
+                     "they stay trainable")
+        return []
+    names = []
+    for index in frozen:
+        variable = holders[0].weights[index]
+        variable.trainable = False
+        names.append(variable.path)
+    return names
+
+
+def freeze_caffe_blobs(model, prototxt, phase: str = "TEST", **plan_options) -> list[str]:
+    """Freeze, in a loaded converted ``model``, the variables of every ``lr_mult: 0`` blob of ``prototxt``
+    (a ``.keras`` file does not save ``Variable.trainable``). Returns the frozen variable paths."""
+    net = prototxt if isinstance(prototxt, CaffeNet) else read_prototxt(prototxt)
+    plan = plan_net(net, None, phase, **plan_options)
+    layers_by_name = {keras_layer.name: keras_layer for keras_layer in model.layers}
+    frozen = []
+    for layer in plan.layers:
+        keras_layer = layers_by_name.get(re.sub(r"[^A-Za-z0-9_.\-]", "_", layer.name))
+        if keras_layer is None or _frozen(layer) or len(keras_layer.weights) != len(layer.weight_shapes):
+            continue
+        for index in _frozen_blobs(layer):
+            keras_layer.weights[index].trainable = False
+            frozen.append(keras_layer.weights[index].path)
+    return frozen
+
+
 def _load_weights(layer: PlannedLayer, caffemodel: Caffemodel) -> list[np.ndarray]:
     arrays = []
     for name in layer.weight_layers:
@@ -192,6 +239,7 @@ def build_model(plan: Plan, caffemodel: Caffemodel | None = None, progress: Prog
     model = keras.Model(model_inputs if len(model_inputs) > 1 else model_inputs[0],
                         outputs if len(outputs) > 1 else outputs[0], name=name)
     model_layers = {keras_layer.name: keras_layer for keras_layer in model.layers}
+    frozen_paths: list[str] = []
     for layer in plan.layers:
         if _frozen(layer):
             for keras_name in ctx.created.get(layer.name, []):
@@ -199,12 +247,21 @@ def build_model(plan: Plan, caffemodel: Caffemodel | None = None, progress: Prog
                     model_layers[keras_name].trainable = False
             notes.append(f"layer '{layer.name}': every param has lr_mult 0 in the prototxt; its Keras layers are "
                          "frozen (trainable=False)")
+        else:
+            frozen_paths.extend(_freeze_blobs(layer, [model_layers[name] for name in ctx.created.get(layer.name, [])
+                                                      if name in model_layers], notes))
+    if frozen_paths:
+        shown = ", ".join(frozen_paths[:4]) + (f" (+{len(frozen_paths) - 4} more)" if len(frozen_paths) > 4 else "")
+        notes.append(f"{len(frozen_paths)} blob(s) with lr_mult 0 are frozen (Variable.trainable=False): {shown}; "
+                     "a .keras file does not save this, so after keras.saving.load_model re-apply it with "
+                     "converters.caffe.builder.freeze_caffe_blobs(model, prototxt)")
     return Conversion(model=model, plan=plan, tensors=tensors, heads=heads, notes=notes)
 
 
 def convert(prototxt: str | os.PathLike | CaffeNet, caffemodel: str | os.PathLike | Caffemodel | None = None,
             phase: str = "TEST", *, input_shape: Sequence[int] | Mapping[str, Sequence[int]] | None = None,
-            progress: ProgressFn | None = None, input_contract: Mapping | None = None) -> Conversion:
+            progress: ProgressFn | None = None, input_contract: Mapping | None = None,
+            stage: Sequence[str] | str | None = None) -> Conversion:
     """Convert a Caffe net and return the model with its plan, heads, notes and warnings.
 
     Args: as ``load_caffe_model``, plus ``progress(done, total, layer_name)`` called after each layer.
@@ -223,14 +280,15 @@ def convert(prototxt: str | os.PathLike | CaffeNet, caffemodel: str | os.PathLik
     """
     net = prototxt if isinstance(prototxt, CaffeNet) else read_prototxt(prototxt)
     weights = caffemodel if (caffemodel is None or isinstance(caffemodel, Caffemodel)) else read_caffemodel(caffemodel)
-    plan = plan_net(net, weights, phase, input_shape)
+    plan = plan_net(net, weights, phase, input_shape, stage=stage)
     return build_model(plan, weights, progress, input_contract=input_contract)
 
 
 def load_caffe_model(prototxt: str | os.PathLike, caffemodel: str | os.PathLike | None = None,
                      phase: str = "TEST", *,
                      input_shape: Sequence[int] | Mapping[str, Sequence[int]] | None = None,
-                     input_contract: Mapping | None = None) -> keras.Model:
+                     input_contract: Mapping | None = None,
+                     stage: Sequence[str] | str | None = None) -> keras.Model:
     """Convert a Caffe .prototxt (+ .caffemodel) into a Keras model computing what Caffe computes.
 
     Args:
@@ -242,7 +300,9 @@ def load_caffe_model(prototxt: str | os.PathLike, caffemodel: str | os.PathLike 
             ``AMSoftmaxHead``, MarginInnerProduct a ``SphereFaceHead``; heads output cos(theta) and are
             compiled with ``loss=head.loss``.
         input_shape: (C, H, W) of the input, or {blob name: (C, H, W)}, when the prototxt's data layer does
-            not give the image size (e.g. ImageData without new_height/new_width). Defaults to None.
+            not give the image size (e.g. ImageData without new_height/new_width); a name no layer produces
+            (a net fragment's first bottom) becomes a model input. Defaults to None.
+        stage: NetState stage name(s) for include/exclude rules that name stages. Defaults to None.
         input_contract: what the caller applies to images before the model, for a net whose prototxt does not
             say (a deploy net with an ``Input`` layer or ``input_dim``): a dict of ``InputContract`` arguments,
             e.g. ``{"mean": 128, "scale": 0.0078125}`` (``pixels`` defaults to "normalized", ``channel_order``
@@ -270,7 +330,8 @@ def load_caffe_model(prototxt: str | os.PathLike, caffemodel: str | os.PathLike 
     >>> model(np.arange(4, dtype="float32").reshape(1, 1, 1, 4)).numpy().tolist()
     [[0.0, 1.0]]
     """
-    conversion = convert(prototxt, caffemodel, phase, input_shape=input_shape, input_contract=input_contract)
+    conversion = convert(prototxt, caffemodel, phase, input_shape=input_shape, input_contract=input_contract,
+                         stage=stage)
     for message in conversion.warnings:
         warnings.warn(message, CaffeWarning, stacklevel=2)
     return conversion.model

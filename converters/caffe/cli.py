@@ -56,8 +56,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compare every blob with OpenCV's Caffe importer on the same files (without a "
                              "caffemodel: on the initial weights drawn from the fillers), or with blobs dumped "
                              "from Caffe into an .npz (keys: blob names)")
-    parser.add_argument("--input-shape", metavar="C,H,W", default=None,
-                        help="input size when the prototxt's data layer does not give it, e.g. 3,112,96")
+    parser.add_argument("--input-shape", metavar="[BLOB=]C,H,W", action="append", default=None,
+                        help="input size when the prototxt's data layer does not give it, e.g. 3,112,96; "
+                             "BLOB=C,H,W names the input, or declares the first bottom of a net fragment "
+                             "(e.g. last_ip_layer=512); repeat for several")
+    parser.add_argument("--stage", action="append", default=None,
+                        help="a NetState stage for include/exclude rules that name stages (as a solver's "
+                             "test_state does), e.g. --stage test-on-test-set; repeat for several")
     parser.add_argument("--atol", type=float, default=1e-4,
                         help="parity tolerance: a blob diverges when max abs error > atol + atol * max|ref| "
                              "(default 1e-4)")
@@ -77,15 +82,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _parse_shape(text: str | None):
-    if text is None:
+def _parse_shape(texts):
+    """``--input-shape`` values: a single C,H,W, or BLOB=C,H,W entries (a dict)."""
+    if texts is None:
         return None
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    named = {}
+    for text in texts:
+        if "=" not in text:
+            if len(texts) > 1:
+                raise ConversionError(f"--input-shape {text!r}: with several --input-shape, name each: BLOB=C,H,W")
+            return _parse_dims(text)
+        name, _, dims = text.partition("=")
+        if not name.strip():
+            raise ConversionError(f"--input-shape {text!r}: expected BLOB=C,H,W with a blob name")
+        named[name.strip()] = _parse_dims(dims, text)
+    return named
+
+
+def _parse_dims(text: str, given: str | None = None):
+    given = text if given is None else given
     try:
         shape = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
     except ValueError:
-        raise ConversionError(f"--input-shape {text!r}: expected C,H,W integers, e.g. 3,112,96") from None
+        raise ConversionError(f"--input-shape {given!r}: expected C,H,W integers, e.g. 3,112,96") from None
     if not shape or any(dim < 1 for dim in shape):
-        raise ConversionError(f"--input-shape {text!r}: expected positive C,H,W integers, e.g. 3,112,96")
+        raise ConversionError(f"--input-shape {given!r}: expected positive C,H,W integers, e.g. 3,112,96")
     return shape
 
 
@@ -167,11 +189,11 @@ def _run(args: argparse.Namespace) -> int:
         caffemodel, initial = args.caffemodel, args.check == "opencv" and args.caffemodel is None
         if initial:  # OpenCV needs weights: give both sides the model's initial ones
             caffemodel = initial_weights_caffemodel(net, os.path.join(scratch, "initial.caffemodel"), args.phase,
-                                                    input_shape)
+                                                    input_shape, stage=args.stage)
         given = {key: value for key, value in (("mean", args.mean), ("scale", args.scale),
                                                ("channel_order", args.channel_order)) if value is not None}
         conversion = convert(net, caffemodel, args.phase, input_shape=input_shape, progress=progress,
-                             input_contract=given or None)
+                             input_contract=given or None, stage=args.stage)
         converted = time.perf_counter() - started
         timing = {}
 

@@ -320,13 +320,13 @@ def _data_transform(layer) -> tuple[np.ndarray, float] | None:
 
 
 def parity_report(prototxt=None, caffemodel=None, reference: str = "opencv", *, phase: str = "TEST",
-                  input_shape=None, conversion: Conversion | None = None,
+                  input_shape=None, stage=None, conversion: Conversion | None = None,
                   inputs: Mapping[str, np.ndarray] | None = None, batch_size: int = 2, seed: int = 0,
                   atol: float = 1e-4, rtol: float = 1e-4) -> ParityReport:
     """Compare the converted model with a reference, blob by blob, and name the first blob that diverges.
 
     Args:
-        prototxt, caffemodel, phase, input_shape: as ``load_caffe_model`` (or pass ``conversion``, the
+        prototxt, caffemodel, phase, input_shape, stage: as ``load_caffe_model`` (or pass ``conversion``, the
             result of ``convert``, and the caffemodel path). With the prototxt and no caffemodel, the OpenCV
             check runs on initial weights drawn from the prototxt fillers (``initial_weights_caffemodel``),
             the model converted from them; ``report.weights`` then says so.
@@ -361,22 +361,22 @@ def parity_report(prototxt=None, caffemodel=None, reference: str = "opencv", *, 
                 _cv2()  # before converting: OpenCV is missing or unusable
                 net = prototxt if isinstance(prototxt, CaffeNet) else read_prototxt(prototxt)
                 caffemodel = initial_weights_caffemodel(net, os.path.join(tmp, "initial.caffemodel"), phase,
-                                                        input_shape, seed=seed)
+                                                        input_shape, seed=seed, stage=stage)
                 prototxt, weights = net, FILLER_WEIGHTS
-            conversion = convert(prototxt, caffemodel, phase, input_shape=input_shape)
+            conversion = convert(prototxt, caffemodel, phase, input_shape=input_shape, stage=stage)
         report = _parity_report(conversion, caffemodel, reference, inputs, batch_size, seed, atol, rtol)
     report.weights = report.weights or weights
     return report
 
 
 def initial_weights_caffemodel(net: CaffeNet, path: str, phase: str = "TEST", input_shape=None,
-                               seed: int = 0) -> str:
+                               seed: int = 0, stage=None) -> str:
     """Write the initial weights of ``net`` (drawn from its prototxt fillers, ``writer.filler_blobs``) to the
     caffemodel ``path`` and return ``path``: converting with it gives a model OpenCV can run on the same
     weights."""
     from converters.caffe.writer import write_filler_caffemodel
 
-    plan = plan_net(net, None, phase, input_shape)
+    plan = plan_net(net, None, phase, input_shape, stage=stage)
     try:
         write_filler_caffemodel(path, plan, seed)
     except ValueError as error:

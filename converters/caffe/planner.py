@@ -167,7 +167,8 @@ def _normalize_input_shapes(input_shape, input_layers: list[PlannedLayer]) -> di
 
 
 def plan_net(net: CaffeNet, caffemodel: Caffemodel | None = None, phase: str = "TEST",
-             input_shape: Sequence[int] | Mapping[str, Sequence[int]] | None = None) -> Plan:
+             input_shape: Sequence[int] | Mapping[str, Sequence[int]] | None = None,
+             stage: Sequence[str] | str | None = None) -> Plan:
     """Plan the conversion of ``net`` (see the module docstring for what is checked).
 
     Args:
@@ -176,7 +177,10 @@ def plan_net(net: CaffeNet, caffemodel: Caffemodel | None = None, phase: str = "
         phase: "TEST" (deploy, default) or "TRAIN" (rebuilds a training head), as Caffe's include/exclude
             rules select layers.
         input_shape: (C, H, W) of the first input, or {blob name: (C, H, W)}, for nets whose data layer does
-            not state its image size; overrides the prototxt.
+            not state its image size; overrides the prototxt. A name no layer produces (the first bottom of a
+            head fragment, e.g. NormFace's ``last_ip_layer``) becomes a model input of that shape.
+        stage: NetState stages (a name or a list), added to the prototxt's ``state { stage }``, for the
+            include/exclude rules that name stages (as a solver's ``test_state { stage: ... }`` does).
 
     Example:
     >>> from converters.caffe.reader import parse_prototxt
@@ -191,9 +195,16 @@ def plan_net(net: CaffeNet, caffemodel: Caffemodel | None = None, phase: str = "
     message = net.net
     state = schema.NetState(phase=phase_number, level=message.state.level)
     state.stage.extend(message.state.stage)
+    stages = [stage] if isinstance(stage, str) else list(stage or [])
+    state.stage.extend(str(name) for name in stages if name not in state.stage)
 
     filtered = [layer for layer in message.layer if _included(state, layer)]
-    excluded_tops = {top: layer for layer in message.layer if layer not in filtered for top in layer.top}
+    excluded_tops: dict[str, list] = {}
+    for layer in message.layer:
+        if layer not in filtered:
+            for top in layer.top:
+                excluded_tops.setdefault(top, []).append(layer)
+    filtered = _declare_fragment_inputs(filtered, message, input_shape)
     plan = Plan(name=message.name, phase="TRAIN" if phase_number == 0 else "TEST", layers=[], caffe_layers=filtered,
                 blob_shapes={}, outputs=[], needed=set(), unknown_fields=list(net.unknown_fields),
                 source=net.path, source_format=net.source_format,
@@ -222,7 +233,7 @@ def plan_net(net: CaffeNet, caffemodel: Caffemodel | None = None, phase: str = "
         )
 
     _check_ssd_normalize(kept, net.unknown_fields)
-    planned = _resolve_blobs(kept, excluded_tops, dropped_tops, phase)
+    planned = _resolve_blobs(kept, excluded_tops, dropped_tops, state)
     input_layers = [layer for layer in planned if registry.lookup(layer.type).is_input]
     overrides = _normalize_input_shapes(input_shape, input_layers)
     for layer in input_layers:
@@ -265,7 +276,43 @@ def _check_ssd_normalize(layers, unknown_fields: list[UnknownField]) -> None:
             )
 
 
-def _resolve_blobs(kept, excluded_tops, dropped_tops, phase) -> list[PlannedLayer]:
+def _declare_fragment_inputs(filtered: list, message, input_shape) -> list:
+    """Prepend an Input layer for each ``input_shape`` name that no layer produces and some layer reads: a net
+    fragment (NormFace's heads read ``last_ip_layer``, which their trunk would produce)."""
+    if not isinstance(input_shape, Mapping):
+        return filtered
+    produced = {top for layer in message.layer for top in layer.top} | set(message.input)
+    read = {bottom for layer in filtered for bottom in layer.bottom}
+    declared = []
+    for name, shape in input_shape.items():
+        if name in produced or name not in read:
+            continue
+        layer = schema.LayerParameter(name=str(name), type="Input", top=[str(name)])
+        layer.input_param.shape.add().dim.extend([1, *(int(v) for v in shape)])
+        declared.append(layer)
+    return declared + filtered
+
+
+def _stage_names(layer) -> list[str]:
+    return sorted({name for rule in (*layer.include, *layer.exclude) for name in (*rule.stage, *rule.not_stage)})
+
+
+def _exclusion_reason(sources: list, state) -> str:
+    """Why the state's rules leave out the layers writing a blob: their phase, or (when the phase matches
+    some rule) their stages."""
+    phase = "TRAIN" if state.phase == 0 else "TEST"
+    other = schema.NetState(phase=1 - state.phase, level=state.level)
+    other.stage.extend(state.stage)
+    named = ", ".join(f"'{source.name}' ({source.type})" for source in sources)
+    stages = sorted({name for source in sources for name in _stage_names(source)})
+    if stages and not any(_included(other, source) for source in sources):
+        given = list(state.stage) or "none"
+        return (f"it comes from layer(s) {named}, which phase {phase} with stages {given} excludes: their rules "
+                f"name the stage(s) {stages}; pass stage= (CLI --stage) with the one you want")
+    return f"it comes from layer(s) {named}, which phase {phase} excludes; try the other --phase"
+
+
+def _resolve_blobs(kept, excluded_tops, dropped_tops, state) -> list[PlannedLayer]:
     current: dict[str, str] = {}
     versions: dict[str, int] = {}
     planned: list[PlannedLayer] = []
@@ -283,11 +330,11 @@ def _resolve_blobs(kept, excluded_tops, dropped_tops, phase) -> list[PlannedLaye
                 source = dropped_tops[bottom]
                 reason = f"it comes from layer '{source.name}' ({source.type}), which is training-only and dropped"
             elif bottom in excluded_tops:
-                source = excluded_tops[bottom]
-                reason = (f"it comes from layer '{source.name}' ({source.type}), which phase {phase.upper()} "
-                          "excludes; try the other --phase")
+                reason = _exclusion_reason(excluded_tops[bottom], state)
             else:
-                reason = "no layer before it produces it; check the spelling or the layer order"
+                reason = ("no layer before it produces it; check the spelling or the layer order, or, if the file "
+                          f"is a net fragment, declare it: input_shape={{'{bottom}': (C, H, W)}} "
+                          f"(CLI: --input-shape {bottom}=C,H,W)")
             raise ConversionError(f"bottom '{bottom}' is not available: {reason}", layer=layer.name,
                                   layer_type=layer.type)
         if not layer.top and not handler.is_input:
