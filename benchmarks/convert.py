@@ -4,6 +4,11 @@ parameters) from a caffemodel with random weights that this script writes to a t
 Targets (2 CPU cores): conversion under 10 s, peak memory added by the conversion under 3x the caffemodel size.
 Run by hand:  python benchmarks/convert.py [--keep DIR]
 The measurement runs in a fresh Python process: TensorFlow and Keras are imported first and not counted.
+
+``--published [DIR]`` instead times the conversion (plan + Keras build, initial weights: no caffemodel is
+published with them) of every published net in ``DIR`` (default ``../shared/caffe/real`` beside the
+repository, or ``$KERAS_MARGIN_SHARED/caffe/real``) in each phase it has, as converters.caffe.published lists
+them, one line per net and phase.
 """
 
 from __future__ import annotations
@@ -100,10 +105,56 @@ def write_model(directory: Path) -> tuple[Path, Path]:
     return prototxt, caffemodel
 
 
+def published(directory: Path) -> int:
+    """Conversion time of every published net, each phase, in this process (Keras imported first)."""
+    import time
+    import warnings
+
+    sys.path.insert(0, str(ROOT))
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import keras  # noqa: F401  (imported before timing)
+
+    from converters.caffe import ConversionError, convert
+    from converters.caffe.published import PUBLISHED_NETS
+
+    failures = 0
+    print(f"Conversion time of the published nets in {directory} ({os.cpu_count()} CPU cores; initial weights)")
+    print(f"  {'net':<70} {'phase':<5} {'layers':>6} {'params':>12} {'time':>8}")
+    for name, net in PUBLISHED_NETS.items():
+        path = directory / name
+        for phase in net.phases:
+            if not path.is_file():
+                print(f"  {name:<70} {phase:<5} missing")
+                failures += 1
+                continue
+            started = time.perf_counter()
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    conversion = convert(path, **net.options(phase))
+            except ConversionError as error:
+                print(f"  {name:<70} {phase:<5} FAILED: {error}")
+                failures += 1
+                continue
+            elapsed = time.perf_counter() - started
+            print(f"  {name:<70} {phase:<5} {len(conversion.model.layers):>6} "
+                  f"{conversion.model.count_params():>12,} {elapsed:>7.2f}s")
+    return 1 if failures else 0
+
+
+def _default_published() -> Path:
+    shared = os.environ.get("KERAS_MARGIN_SHARED")
+    return (Path(shared) if shared else ROOT.parent / "shared") / "caffe" / "real"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", metavar="DIR", help="write the files into DIR and keep them")
+    parser.add_argument("--published", metavar="DIR", nargs="?", const=str(_default_published()), default=None,
+                        help="time the conversion of every published net in DIR instead")
     args = parser.parse_args()
+    if args.published:
+        return published(Path(args.published))
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(args.keep or tmp)
         directory.mkdir(parents=True, exist_ok=True)
