@@ -102,3 +102,24 @@ def test_a_blob_with_lr_mult_0_stays_frozen_while_the_others_train(tmp_path):
     reloaded = keras.saving.load_model(path)
     assert freeze_caffe_blobs(reloaded, parse_prototxt(FROZEN_BIAS)) == ["conv/bias"]
     assert [v.trainable for v in reloaded.get_layer("conv").weights] == [True, False]
+
+
+def test_training_loss_is_the_fused_heads_objective():
+    from tests.caffe_nets import face_resnet20_prototxt
+
+    text = face_resnet20_prototxt("train", widths=(4, 4, 4, 4), embedding=8, num_classes=5)
+    conversion = convert(parse_prototxt(text), phase="TRAIN", input_shape=(3, 16, 16))
+    head = conversion.head_layers["fc6_l2"]
+    loss = conversion.training_loss()
+    assert loss.get_config() == head.loss.get_config()
+    x = np.random.default_rng(0).uniform(0, 255, (3, 16, 16, 3)).astype("float32")
+    labels = np.array([0, 3, 4])
+    cosines = np.asarray(conversion.model(x))
+    # AM-Softmax at the Caffe margin rule: the margin only where cos_y > m, then s * (.) into softmax
+    logits = 30.0 * cosines
+    rows = np.arange(3)
+    applied = cosines[rows, labels] > 0.35
+    logits[rows, labels] -= 30.0 * 0.35 * applied
+    expected = np.mean(np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
+                       - logits[rows, labels])
+    np.testing.assert_allclose(float(loss(labels, cosines)), expected, rtol=1e-5)

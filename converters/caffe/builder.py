@@ -69,6 +69,25 @@ class Conversion:
     tensors: dict  # blob id -> Keras tensor of the model's graph (for layer-by-layer parity probes)
     heads: list = field(default_factory=list)  # fusion.HeadSpec of each fused head, in order
     notes: list[str] = field(default_factory=list)
+    #: Caffe layer name of each head -> its Keras layer in ``model``
+    head_layers: dict = field(default_factory=dict)
+
+    def training_loss(self):
+        """The loss to compile ``model`` with so it trains as the Caffe net does: the head's own objective
+        (``HeadSpec.loss``) for a single-output model, else {output name: loss} for the outputs that are heads.
+        None when no head needs a compiled loss (e.g. a head that adds its own with ``add_loss``)."""
+        losses = {}
+        for spec in self.heads:
+            head = self.head_layers[spec.layer]
+            loss = spec.training_loss(head)
+            if loss is not None:
+                losses[head.name] = loss
+        if not losses:
+            return None
+        outputs = [tensor._keras_history[0].name for tensor in self.model.outputs]
+        if len(outputs) == 1 and list(losses) == outputs:
+            return losses[outputs[0]]
+        return {name: loss for name, loss in losses.items() if name in outputs}
 
     @property
     def warnings(self) -> list[str]:
@@ -199,6 +218,7 @@ def build_model(plan: Plan, caffemodel: Caffemodel | None = None, progress: Prog
     ctx = BuildContext(plan, given)
     tensors: dict = {}
     model_inputs, notes, heads = [], [], []
+    head_names: dict[str, str] = {}
     total = len(plan.layers)
     for done, layer in enumerate(plan.layers, start=1):
         handler = registry.lookup(layer.type)
@@ -227,6 +247,7 @@ def build_model(plan: Plan, caffemodel: Caffemodel | None = None, progress: Prog
         notes.extend(built.notes)
         if layer.head is not None:
             heads.append(layer.head)
+            head_names[layer.head.layer] = ctx.created[layer.name][0]
         if progress is not None:
             progress(done, total, layer.name)
     if given is not None and not ctx.contracts:
@@ -255,7 +276,9 @@ def build_model(plan: Plan, caffemodel: Caffemodel | None = None, progress: Prog
         notes.append(f"{len(frozen_paths)} blob(s) with lr_mult 0 are frozen (Variable.trainable=False): {shown}; "
                      "a .keras file does not save this, so after keras.saving.load_model re-apply it with "
                      "converters.caffe.builder.freeze_caffe_blobs(model, prototxt)")
-    return Conversion(model=model, plan=plan, tensors=tensors, heads=heads, notes=notes)
+    head_layers = {caffe_name: model_layers[keras_name] for caffe_name, keras_name in head_names.items()
+                   if keras_name in model_layers}
+    return Conversion(model=model, plan=plan, tensors=tensors, heads=heads, notes=notes, head_layers=head_layers)
 
 
 def convert(prototxt: str | os.PathLike | CaffeNet, caffemodel: str | os.PathLike | Caffemodel | None = None,

@@ -230,9 +230,9 @@ def _run(args: argparse.Namespace) -> int:
         lines.append(f"  output    {blob_id.split('#')[0]}: Keras {tuple(tensor.shape)}")
     for head in conversion.heads or ["none"]:
         lines.append(f"  head      {head}")
-    if conversion.heads:
-        first = conversion.heads[0].layer
-        lines.append(f"            compile with loss=model.get_layer('{first}').loss; it outputs cos(theta)")
+    for spec in conversion.heads:
+        keras_name = conversion.head_layers[spec.layer].name
+        lines.append(f"            {spec.compile_hint(keras_name)}")
     for fusion in plan.fusions:
         lines.append(f"  fused     {fusion}")
     for note in conversion.notes:

@@ -69,6 +69,17 @@ class HeadSpec:
                          for key, value in values)
         return f"{self.head_class} '{self.layer}' ({text})"
 
+    def compile_hint(self, keras_name: str) -> str:
+        """How to compile a model ending in this head (a line of the conversion summary)."""
+        if self.loss == "head.loss":
+            how = f"compile with loss=model.get_layer('{keras_name}').loss"
+        elif self.loss == "add_loss":
+            how = f"'{keras_name}' adds its training term itself (add_loss)"
+        else:
+            options = ", ".join(f"{key}={value!r}" for key, value in self.loss_options.items())
+            how = f"compile with loss=keras_margin.losses.{self.loss}({options})"
+        return f"{how} (or conversion.training_loss()); '{keras_name}' outputs cos(theta)"
+
     def training_loss(self, head):
         """The Keras loss the Caffe net trains this head with (None when the head adds its own)."""
         if self.loss == "head.loss":
