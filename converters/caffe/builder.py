@@ -120,13 +120,18 @@ def _frozen(layer: PlannedLayer) -> bool:
     """Caffe never updates a layer whose every blob has lr_mult 0 (BatchNorm's statistics are not gradients:
     its handler follows use_global_stats instead)."""
     specs = layer.param.param
-    return (layer.type != "BatchNorm" and bool(layer.weight_shapes) and len(specs) >= len(layer.weight_shapes)
+    return (not _statistics(layer) and bool(layer.weight_shapes) and len(specs) >= len(layer.weight_shapes)
             and all(spec.lr_mult == 0 for spec in specs[: len(layer.weight_shapes)]))
+
+
+def _statistics(layer: PlannedLayer) -> bool:
+    handler = registry.lookup(layer.type)
+    return bool(getattr(handler, "statistics_blobs", False)) or layer.type == "BatchNorm"  # until its handler says
 
 
 def _frozen_blobs(layer: PlannedLayer) -> list[int]:
     """Indices of the blobs whose ParamSpec says ``lr_mult: 0`` (Caffe never updates them)."""
-    if layer.type == "BatchNorm" or layer.head is not None:
+    if _statistics(layer) or layer.head is not None:
         return []
     specs = layer.param.param
     return [index for index in range(min(len(specs), len(layer.weight_shapes))) if specs[index].lr_mult == 0]

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 from converters.caffe import fusion, registry, schema
 from converters.caffe.errors import ConversionError
 from converters.caffe.reader import Caffemodel, CaffeNet, UnknownField
+from converters.caffe.registry import TRAINING_ONLY_TYPES
 from converters.caffe.shapes import count
 
 __all__ = ["PlannedLayer", "Plan", "DroppedLayer", "plan_net", "MAX_PARAMETERS", "TRAINING_ONLY_TYPES"]
@@ -21,8 +22,6 @@ __all__ = ["PlannedLayer", "Plan", "DroppedLayer", "plan_net", "MAX_PARAMETERS",
 #: implies more parameters than that is refused before anything is allocated.
 MAX_PARAMETERS = 2**29
 
-#: Layer types that only matter for training (besides every type ending in "Loss"); they are dropped.
-TRAINING_ONLY_TYPES = frozenset({"Accuracy", "Silence", "HDF5Output"})
 
 
 Shape = tuple  # Caffe order, batch first (None)
@@ -134,10 +133,6 @@ def _included(state, layer) -> bool:
     return not any(_rule_matches(state, rule) for rule in layer.exclude)
 
 
-def _training_only(layer_type: str) -> bool:
-    return layer_type.endswith("Loss") or layer_type in TRAINING_ONLY_TYPES
-
-
 def _shapes_compatible(stored: tuple, expected: tuple) -> bool:
     """Caffe's ``ShapeEquals`` in spirit: equal, or equal once size-1 axes are dropped (legacy 4-D dims,
     NVIDIA's 1 x C x 1 x 1 BatchNorm blobs)."""
@@ -213,7 +208,7 @@ def plan_net(net: CaffeNet, caffemodel: Caffemodel | None = None, phase: str = "
     kept = []
     dropped_tops: dict[str, DroppedLayer] = {}
     for layer in filtered:
-        if _training_only(layer.type):
+        if registry.training_only(layer.type):
             dropped = DroppedLayer(layer.name, layer.type, "training only")
             plan.dropped.append(dropped)
             for top in layer.top:

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Callable
 if TYPE_CHECKING:  # the planner imports this module
     from converters.caffe.planner import PlannedLayer
 
-__all__ = ["Built", "Handler", "register", "lookup", "registered_types", "unregister"]
+__all__ = ["TRAINING_ONLY_TYPES", "training_only", "Built", "Handler", "register", "lookup", "registered_types",
+           "unregister"]
 
 Shape = tuple  # Caffe order, batch first (None)
 
@@ -60,6 +61,8 @@ class Handler:
     is_input: bool = False
     #: Extra hint appended to blob-count/shape errors for this type.
     blob_note: str = ""
+    #: True when the blobs are statistics, not learned by gradient (BatchNorm): lr_mult does not freeze them.
+    statistics_blobs: bool = False
 
     def used_bottoms(self, layer: PlannedLayer) -> int | None:
         """How many leading bottoms inference needs (e.g. 1 for layers whose second bottom is the label)."""
@@ -86,6 +89,14 @@ class Handler:
 
 
 _REGISTRY: dict[str, Handler] = {}
+
+#: Layer types that only matter for training (besides every type ending in "Loss"): the planner drops them.
+TRAINING_ONLY_TYPES = frozenset({"Accuracy", "Silence", "HDF5Output"})
+
+
+def training_only(caffe_type: str) -> bool:
+    """Whether a layer type only matters for training (losses, Accuracy, Silence, HDF5Output): not converted."""
+    return caffe_type.endswith("Loss") or caffe_type in TRAINING_ONLY_TYPES
 
 
 def register(*caffe_types: str, replace: bool = False) -> Callable[[type], type]:
