@@ -137,8 +137,13 @@ def test_caffemodel_blob_claiming_an_absurd_shape_is_refused_before_allocation(t
 
 def test_prototxt_implying_absurd_sizes_is_refused_before_allocation(tmp_path):
     huge_layer = CONV_NET.replace("num_output: 4", "num_output: 4000000000")
-    with pytest.raises(ConversionError, match=r"implies 112,000,000,000 parameters .* refusing"):
+    with pytest.raises(ConversionError, match=r"top 'conv1' would have shape .* refusing so absurd a blob"):
         convert(parse_prototxt(huge_layer))
+    huge_weights = ('input: "data" input_dim: 1 input_dim: 3 input_dim: 8 input_dim: 8\n'
+                    'layer { name: "fc" type: "InnerProduct" bottom: "data" top: "fc" '
+                    'inner_product_param { num_output: 200000000 } }')
+    with pytest.raises(ConversionError, match=r"implies 38,600,000,000 parameters .* refusing"):
+        convert(parse_prototxt(huge_weights))
     huge_input = 'input: "data" input_shape { dim: 1 dim: 3 dim: 100000000 dim: 100000 }\n' + CONV_NET.split("\n", 1)[1]
     with pytest.raises(ConversionError, match="per sample; refusing so absurd a size"):
         convert(parse_prototxt(huge_input))

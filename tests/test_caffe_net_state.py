@@ -123,3 +123,20 @@ def test_training_loss_is_the_fused_heads_objective():
     expected = np.mean(np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
                        - logits[rows, labels])
     np.testing.assert_allclose(float(loss(labels, cosines)), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("text,message", [
+    ('input: "data" input_dim: 1 input_dim: 1 input_dim: 8 input_dim: 8\n'
+     'layer { name: "pad" type: "Convolution" bottom: "data" top: "pad"\n'
+     '        convolution_param { num_output: 64 kernel_size: 1 pad: 20000 } }',
+     r"layer 'pad' \(Convolution\): top 'pad' would have shape .*refusing so absurd a blob"),
+    ('layer { name: "in" type: "Input" top: "data" input_param { shape { dim: 1 dim: 2 } } }\n'
+     'layer { name: "orphan" type: "ReLU" top: "r" }',
+     r"layer 'orphan' \(ReLU\): has no bottom; a ReLU layer reads at least one blob"),
+    ('layer { name: "in" type: "Input" top: "data" input_param { shape { dim: 1 dim: 2 } } }\n'
+     'layer { name: "head" type: "keras_margin.Head" bottom: "data" top: "h" }',
+     r"layer 'head' \(keras_margin.Head\): type 'keras_margin.Head' is the converter's internal type"),
+], ids=["absurd-intermediate-blob", "no-bottom", "internal-type"])
+def test_bad_nets_end_in_a_named_error(text, message):
+    with pytest.raises(ConversionError, match=message):
+        convert(parse_prototxt(text))

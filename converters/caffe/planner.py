@@ -16,11 +16,16 @@ from converters.caffe.reader import Caffemodel, CaffeNet, UnknownField
 from converters.caffe.registry import TRAINING_ONLY_TYPES
 from converters.caffe.shapes import count
 
-__all__ = ["PlannedLayer", "Plan", "DroppedLayer", "plan_net", "MAX_PARAMETERS", "TRAINING_ONLY_TYPES"]
+__all__ = ["PlannedLayer", "Plan", "DroppedLayer", "plan_net", "MAX_PARAMETERS", "MAX_BLOB_ELEMENTS",
+           "TRAINING_ONLY_TYPES"]
 
 #: A caffemodel is at most 2 GiB (Caffe's read limit), i.e. at most 2**29 float32 values; a prototxt that
 #: implies more parameters than that is refused before anything is allocated.
 MAX_PARAMETERS = 2**29
+
+#: Per-sample values of any blob the plan infers (2**28 float32 = 1 GiB per sample): beyond it a prototxt's
+#: pad / stride / kernel values are absurd, and the first call of the model would need tens of GB.
+MAX_BLOB_ELEMENTS = 2**28
 
 
 
@@ -216,6 +221,10 @@ def plan_net(net: CaffeNet, caffemodel: Caffemodel | None = None, phase: str = "
         else:
             kept.append(layer)
 
+    internal = next((layer for layer in kept if layer.type == fusion.HEAD_TYPE), None)
+    if internal is not None:
+        raise ConversionError(f"type '{internal.type}' is the converter's internal type for fused heads, not a Caffe "
+                              "layer type", layer=internal.name, layer_type=internal.type)
     unknown = [layer for layer in kept if registry.lookup(layer.type) is None]
     if unknown:
         listed = ", ".join(f"'{layer.name}' (type '{layer.type}')" for layer in unknown)
@@ -356,10 +365,18 @@ def _infer_shapes(planned: list[PlannedLayer], plan: Plan) -> None:
             layer.weight_shapes = [tuple(int(d) for d in shape) for shape in handler.weight_shapes(layer)]
         except ConversionError:
             raise
-        except (ValueError, IndexError, TypeError) as error:
+        except (ValueError, IndexError, TypeError, ZeroDivisionError) as error:
+            if not layer.bottoms and not handler.is_input:
+                raise layer.error(f"has no bottom; a {layer.type} layer reads at least one blob") from None
             raise layer.error(f"{error} (bottom shapes {[tuple(s) for s in layer.input_shapes]})") from None
         if len(outputs) != len(layer.tops):
             raise layer.error(f"its handler gave {len(outputs)} output shapes for {len(layer.tops)} tops")
+        for top, shape in zip(layer.top_names, outputs):
+            known = [int(d) for d in shape[1:] if d is not None]
+            if any(d < 0 for d in known) or count(known) > MAX_BLOB_ELEMENTS:
+                raise layer.error(f"top '{top}' would have shape {tuple(shape)} ({count(known):,} values per sample, "
+                                  f"limit {MAX_BLOB_ELEMENTS:,}); refusing so absurd a blob (check its pad, stride "
+                                  "and kernel parameters)")
         layer.output_shapes = outputs
         for top, shape in zip(layer.tops, outputs):
             plan.blob_shapes[top] = shape
