@@ -93,6 +93,8 @@ class Plan:
     source: str = ""
     source_format: str = "V2"
     caffemodel: str | None = None
+    #: the Caffe fork the prototxt was written for (``CaffeNet.dialect``: "bvlc", "happynear", "sphereface")
+    dialect: str | None = None
     #: Caffe layer name -> the blob shapes the prototxt implies for it, for every layer with blobs, fused
     #: members (e.g. an AM-Softmax head's Scale) included: what a caffemodel for this net holds.
     layer_weight_shapes: dict[str, list[tuple]] = field(default_factory=dict)
@@ -207,7 +209,7 @@ def plan_net(net: CaffeNet, caffemodel: Caffemodel | None = None, phase: str = "
     filtered = _declare_fragment_inputs(filtered, message, input_shape)
     plan = Plan(name=message.name, phase="TRAIN" if phase_number == 0 else "TEST", layers=[], caffe_layers=filtered,
                 blob_shapes={}, outputs=[], needed=set(), unknown_fields=list(net.unknown_fields),
-                source=net.path, source_format=net.source_format,
+                source=net.path, source_format=net.source_format, dialect=getattr(net, "dialect", None),
                 caffemodel=caffemodel.path if caffemodel is not None else None)
 
     kept = []

@@ -138,6 +138,11 @@ _FILLERS: dict[str, tuple[str, list[tuple[str, object]]]] = {
     "Scale": ("scale_param", [("filler", 1.0), ("bias_filler", 0.0)]),
     "Bias": ("bias_param", [("filler", 0.0)]),
     "BatchNorm": ("batch_norm_param", [("", 0.0), ("", 1.0), ("", 1.0)]),  # mean 0, variance 1, factor 1
+    # happynear fork layers
+    "GlobalLSEMargin": ("scale_param", [("filler", 30.0), ("", 0.0)]),  # LayerSetUp: s = 30 unless filler; m = 0
+    "ChannelScale": ("channel_scale_param", [("", -1.0)]),  # the global_scale blob starts at -1
+    "InnerDistance": ("inner_distance_param", [("weight_filler", "glorot"), ("bias_filler", 0.0)]),
+    "Parameter": ("parameter_param", [("blob_filler", "glorot")]),
 }
 
 
@@ -172,6 +177,10 @@ def _fill(filler, default, shape: tuple, rng: np.random.Generator) -> np.ndarray
             limit = math.sqrt(3.0 / n)
             return rng.uniform(-limit, limit, shape).astype(np.float32)
         return rng.normal(0.0, math.sqrt(2.0 / n), shape).astype(np.float32)
+    if kind == "gaussian_unitball":  # happynear's filler: N(0, 1) rows, each scaled to unit L2 norm
+        values = rng.normal(0.0, 1.0, shape)
+        rows = values.reshape(shape[0] if shape else 1, -1)
+        return (rows / np.sqrt((rows * rows).sum(axis=1, keepdims=True))).reshape(shape).astype(np.float32)
     if kind == "positive_unitball":
         values = rng.uniform(0.0, 1.0, shape)
         rows = values.reshape(shape[0] if shape else 1, -1)
@@ -183,7 +192,7 @@ def _fill(filler, default, shape: tuple, rng: np.random.Generator) -> np.ndarray
         kernel = (1 - np.abs(x / f - c)) * (1 - np.abs(y / f - c))
         return np.broadcast_to(kernel, shape).astype(np.float32)
     raise ValueError(f"filler type {kind!r} is not one Caffe defines (constant, uniform, gaussian, xavier, msra, "
-                     "positive_unitball, bilinear)")
+                     "positive_unitball, bilinear; happynear's gaussian_unitball)")
 
 
 def filler_blobs(plan: Plan, seed: int = 0) -> dict[str, list[np.ndarray]]:
@@ -202,7 +211,8 @@ def filler_blobs(plan: Plan, seed: int = 0) -> dict[str, list[np.ndarray]]:
     for name, shapes in plan.layer_weight_shapes.items():
         layer = by_name.get(name)
         field_name, specs = _FILLERS.get(layer.type if layer is not None else "", ("", []))
-        param = getattr(layer, field_name) if (layer is not None and field_name) else None
+        param = getattr(layer, field_name) if (layer is not None and field_name and hasattr(layer, field_name)) \
+            else None
         arrays = []
         for index, shape in enumerate(shapes):
             attribute, default = specs[index] if index < len(specs) else ("", "glorot" if len(shape) > 1 else 0.0)
@@ -234,5 +244,7 @@ def write_filler_caffemodel(path: str | os.PathLike, plan: Plan, seed: int = 0) 
     """
     by_name = {layer.name: layer.type for layer in plan.caffe_layers}
     blobs = filler_blobs(plan, seed)
-    return write_caffemodel(path, [(name, by_name.get(name, ""), arrays) for name, arrays in blobs.items()],
-                            name=plan.name)
+    # every layer, as Caffe saves them (a net without blobs still gives a readable caffemodel)
+    entries = [(name, kind, blobs.pop(name, [])) for name, kind in by_name.items()]
+    entries += [(name, "", arrays) for name, arrays in blobs.items()]
+    return write_caffemodel(path, entries, name=plan.name)

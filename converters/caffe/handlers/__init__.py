@@ -13,6 +13,7 @@ from converters.caffe.handlers import (  # noqa: F401  (importing registers the 
     activations,
     convolution,
     face,
+    fork_amsoftmax,
     inputs,
     normalization,
     plumbing,

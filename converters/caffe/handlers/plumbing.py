@@ -1,17 +1,20 @@
-"""Blob plumbing: Eltwise, Concat, Slice, Flatten, Reshape."""
+"""Blob plumbing: Eltwise, Concat, Slice, Flatten, Reshape, Reduction."""
 
 from __future__ import annotations
 
 import math
 
 import keras
+import numpy as np
 
 from converters.caffe.handlers.common import _known, to_caffe_order
 from converters.caffe.layers import (
+    CaffeReduction,
     CaffeSlice,
 )
 from converters.caffe.registry import Built, Handler, register
 from converters.caffe.shapes import canonical_axis, keras_axis, keras_shape
+from converters.caffe.stand_ins import StandIn, python_layer
 
 # ----------------------------------------------------------------------------------------------------
 # Blob plumbing: Eltwise, Concat, Slice, Flatten, Reshape
@@ -194,3 +197,70 @@ class ReshapeHandler(Handler):
 
     def build(self, ctx, layer, inputs, weights):
         return Built([_reshape_to(ctx, layer, inputs[0], layer.input_shapes[0], layer.output_shapes[0])])
+
+
+#: ReductionParameter.ReductionOp values (caffe.proto): SUM=1 ASUM=2 SUMSQ=3 MEAN=4.
+REDUCTION_OPERATIONS = {1: "SUM", 2: "ASUM", 3: "SUMSQ", 4: "MEAN"}
+
+
+class ReductionStandIn(StandIn):
+    """BVLC's Reduction (``reduction_layer.cpp``): axes [axis, end) reduced, times ``coeff`` (OpenCV lacks it)."""
+
+    def _axis(self, rank: int) -> int:
+        axis = self.config["axis"]
+        return axis + rank if axis < 0 else axis
+
+    def getMemoryShapes(self, inputs):  # noqa: N802 (OpenCV's name)
+        return [list(inputs[0][: self._axis(len(inputs[0]))])]
+
+    def forward(self, inputs):
+        x = inputs[0].astype(np.float64)
+        axis, op = self._axis(x.ndim), self.config["operation"]
+        flat = x.reshape(*x.shape[:axis], -1)
+        if op == "ASUM":
+            flat = np.abs(flat)
+        elif op == "SUMSQ":
+            flat = flat * flat
+        value = flat.mean(axis=-1) if op == "MEAN" else flat.sum(axis=-1)
+        return [(value * self.config["coeff"]).astype(np.float32)]
+
+
+@register("Reduction")
+class ReductionHandler(Handler):
+    """BVLC's Reduction: the top keeps the bottom's axes before ``axis`` (SUM, ASUM, SUMSQ or MEAN over the
+    rest, times ``coeff``). ``axis: 0`` (the default) would reduce over the batch, which does not convert."""
+
+    def _axis(self, layer) -> int:
+        p = layer.param.reduction_param
+        shape = layer.input_shapes[0]
+        try:
+            axis = canonical_axis(p.axis, len(shape))
+        except ValueError as error:
+            raise layer.error(f"reduction_param.axis: {error}") from None
+        if axis == 0:
+            raise layer.error("reduction_param.axis 0 (the default) reduces over the batch to one number; only a "
+                              "per-sample reduction (axis >= 1) converts")
+        return axis
+
+    def opencv_layer(self, layer, copy):
+        p = layer.reduction_param
+        return python_layer(copy, ReductionStandIn, {"axis": p.axis, "coeff": p.coeff,
+                                                     "operation": REDUCTION_OPERATIONS.get(p.operation, "SUM")})
+
+    def output_shapes(self, layer):
+        if len(layer.tops) != 1:
+            raise layer.error(f"Reduction has one top; got {len(layer.tops)}")
+        if layer.param.reduction_param.operation not in REDUCTION_OPERATIONS:
+            raise layer.error(f"reduction_param.operation {layer.param.reduction_param.operation} is not SUM, ASUM, "
+                              "SUMSQ or MEAN")
+        return [tuple(layer.input_shapes[0][: self._axis(layer)])]
+
+    def build(self, ctx, layer, inputs, weights):
+        p = layer.param.reduction_param
+        shape = layer.input_shapes[0]
+        axis = self._axis(layer)
+        tensor = inputs[0]
+        if axis > 1 and len(shape) == 4:  # reduce the Caffe axes [axis, end), not NHWC's
+            tensor = to_caffe_order(ctx, layer, tensor, len(shape))
+        operation = REDUCTION_OPERATIONS[p.operation]
+        return Built([CaffeReduction(operation, axis, p.coeff, name=ctx.name(layer))(tensor)])
