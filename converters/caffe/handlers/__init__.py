@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from converters.caffe.handlers import (  # noqa: F401  (importing registers the handlers)
     activations,
+    agents,
     convolution,
     face,
     fork_amsoftmax,

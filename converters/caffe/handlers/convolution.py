@@ -8,6 +8,7 @@ import keras
 import numpy as np
 
 from converters.caffe import shapes
+from converters.caffe.agent_layers import SecondBottomInnerProduct
 from converters.caffe.handlers.common import (
     ROW_NORM_EPS,
     _check_positive,
@@ -238,7 +239,7 @@ class RowNormalizedInnerProductStandIn(StandIn):
 class InnerProductHandler(Handler):
     def opencv_layer(self, layer, copy):
         p = layer.inner_product_param
-        if not p.normalize:
+        if not p.normalize or len(layer.bottom) > 1:
             return None
         return python_layer(copy, RowNormalizedInnerProductStandIn,
                             {"num_output": p.num_output, "axis": p.axis, "transpose": p.transpose,
@@ -247,8 +248,30 @@ class InnerProductHandler(Handler):
     def _axis(self, layer):
         return canonical_axis(layer.param.inner_product_param.axis, len(layer.input_shapes[0]))
 
+    def _second_bottom(self, layer) -> int:
+        """N of the fork's two-bottom form (weights = bottom[1], (N, K) rows), checked."""
+        p = layer.param.inner_product_param
+        if len(layer.bottoms) != 2:
+            raise layer.error(f"InnerProduct with {len(layer.bottoms)} bottoms does not convert (1, or 2: the "
+                              "weights as the second bottom)")
+        if p.bias_term:
+            raise layer.error("a two-bottom InnerProduct with bias_term: true: the fork's forward then reads "
+                              "blobs_[1], which it never creates; set bias_term: false")
+        if p.transpose:
+            raise layer.error("a two-bottom InnerProduct with transpose: true takes N from the second bottom's "
+                              "first axis (K); it does not convert")
+        k = math.prod(layer.input_shapes[0][self._axis(layer):])
+        weight = layer.input_shapes[1]
+        if len(weight) != 2 or weight[1] != k:
+            raise layer.error(f"the weight bottom has shape {weight}; expected (N, {k})")
+        return int(weight[0])
+
     def output_shapes(self, layer):
         p = layer.param.inner_product_param
+        if len(layer.bottoms) > 1:
+            axis = self._axis(layer)
+            _known(layer, layer.input_shapes[0])
+            return [(*layer.input_shapes[0][:axis], self._second_bottom(layer))] * len(layer.tops)
         if not p.num_output:
             raise layer.error("inner_product_param.num_output is required")
         axis = self._axis(layer)
@@ -259,6 +282,8 @@ class InnerProductHandler(Handler):
 
     def weight_shapes(self, layer):
         p = layer.param.inner_product_param
+        if len(layer.bottoms) > 1:
+            return []
         k = math.prod(layer.input_shapes[0][self._axis(layer):])
         blobs = [(k, p.num_output) if p.transpose else (p.num_output, k)]
         return blobs + [(p.num_output,)] if p.bias_term else blobs
@@ -266,6 +291,11 @@ class InnerProductHandler(Handler):
     def build(self, ctx, layer, inputs, weights):
         p = layer.param.inner_product_param
         bottom, axis = layer.input_shapes[0], self._axis(layer)
+        if len(inputs) > 1:  # the fork's weights-as-second-bottom form: y = x W^T, W = bottom[1] (N, K)
+            self._second_bottom(layer)
+            if not (len(bottom) == 2 and axis == 1):
+                raise layer.error(f"a two-bottom InnerProduct needs a 2-D (N, K) first bottom; got {bottom}")
+            return Built([SecondBottomInnerProduct(name=ctx.name(layer))(inputs)] * len(layer.tops))
         x = _dense_input(ctx, layer, inputs[0], bottom, axis)
         weight_filler = p.weight_filler if p.HasField("weight_filler") else None
         bias_filler = p.bias_filler if p.HasField("bias_filler") else None
