@@ -642,3 +642,8 @@ class CaffeBatchNorm(keras.layers.Layer):
         return {**super().get_config(), "axis": self.axis, "epsilon": self.epsilon,
                 "moving_average_fraction": self.moving_average_fraction, "disable_mean": self.disable_mean,
                 "disable_variance": self.disable_variance, "use_global_stats": self.use_global_stats}
+
+
+# The other Caffe-rule layer modules register themselves on import: importing this module (as
+# ``keras_margin``'s custom-objects entry point does) makes every converted file loadable.
+from converters.caffe import agent_layers  # noqa: E402,F401
