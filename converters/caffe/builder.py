@@ -126,7 +126,7 @@ def _frozen(layer: PlannedLayer) -> bool:
 
 def _statistics(layer: PlannedLayer) -> bool:
     handler = registry.lookup(layer.type)
-    return bool(getattr(handler, "statistics_blobs", False)) or layer.type == "BatchNorm"  # until its handler says
+    return bool(getattr(handler, "statistics_blobs", False))
 
 
 def _frozen_blobs(layer: PlannedLayer) -> list[int]:

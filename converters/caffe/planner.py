@@ -238,7 +238,8 @@ def plan_net(net: CaffeNet, caffemodel: Caffemodel | None = None, phase: str = "
             layer=first.name, layer_type=first.type,
         )
 
-    _check_ssd_normalize(kept, net.unknown_fields)
+    for layer in kept:
+        registry.lookup(layer.type).check_fields(layer, net.unknown_fields)
     planned = _resolve_blobs(kept, excluded_tops, dropped_tops, state)
     input_layers = [layer for layer in planned if registry.lookup(layer.type).is_input]
     overrides = _normalize_input_shapes(input_shape, input_layers)
@@ -269,17 +270,6 @@ def plan_net(net: CaffeNet, caffemodel: Caffemodel | None = None, phase: str = "
     plan.outputs = outputs
     plan.needed = consumed | set(outputs)
     return plan
-
-
-def _check_ssd_normalize(layers, unknown_fields: list[UnknownField]) -> None:
-    for layer in layers:
-        if layer.type == "Normalize" and any(
-            field.layer == layer.name and ".norm_param" in field.path for field in unknown_fields
-        ):
-            raise ConversionError(
-                "has norm_param: this is SSD's NormalizeBBox, not happynear's L2 Normalize; register a handler "
-                "for it with @register('Normalize', replace=True)", layer=layer.name, layer_type=layer.type,
-            )
 
 
 def _declare_fragment_inputs(filtered: list, message, input_shape) -> list:

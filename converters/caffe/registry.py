@@ -79,6 +79,10 @@ class Handler:
     def build(self, ctx, layer: PlannedLayer, inputs: list, weights: list | None) -> Built:
         raise NotImplementedError(f"{type(self).__name__}.build")
 
+    def check_fields(self, layer, unknown_fields: list) -> None:
+        """Refuse a layer whose unknown prototxt fields (``reader.UnknownField``s of this layer) show that it is
+        another fork's layer of the same type name; the default accepts it."""
+
     def opencv_layer(self, layer, copy) -> type | None:
         """Prepare ``copy`` (Caffe ``layer`` as OpenCV's importer will read it) for the parity run.
 

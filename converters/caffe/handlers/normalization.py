@@ -5,6 +5,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
+from converters.caffe.errors import ConversionError
 from converters.caffe.handlers.common import filler_initializer
 from converters.caffe.layers import (
     CaffeBatchNorm,
@@ -74,6 +75,8 @@ class BatchNormHandler(Handler):
     statistics divided by the factor. happynear's ``disable_mean`` / ``disable_variance`` (which act with the
     stored statistics too, in ``batch_norm_layer.cpp``): a ``CaffeBatchNorm`` holding the blobs as they are.
     An unset ``moving_average_fraction`` takes the dialect's default (0.99 happynear, 0.999 BVLC)."""
+
+    statistics_blobs = True  # running statistics, not gradients: lr_mult does not freeze them
 
     def opencv_layer(self, layer, copy):
         p = layer.batch_norm_param
@@ -286,6 +289,13 @@ class NormalizeStandIn(StandIn):
 class NormalizeHandler(Handler):
     """happynear's Normalize over the channel axis; a second top is the norm (N x 1 x H x W; N x 1 for a 2-D
     bottom), whose gradient reaches the bottom only with ``bp_norm: true``."""
+
+    def check_fields(self, layer, unknown_fields):
+        if any(field.layer == layer.name and ".norm_param" in field.path for field in unknown_fields):
+            raise ConversionError(
+                "has norm_param: this is SSD's NormalizeBBox, not happynear's L2 Normalize; register a handler "
+                "for it with @register('Normalize', replace=True)", layer=layer.name, layer_type=layer.type,
+            )
 
     def opencv_layer(self, layer, copy):
         return python_layer(copy, NormalizeStandIn, {"type": layer.normalize_param.normalize_type,
