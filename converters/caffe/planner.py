@@ -277,11 +277,13 @@ def _declare_fragment_inputs(filtered: list, message, input_shape) -> list:
     fragment (NormFace's heads read ``last_ip_layer``, which their trunk would produce)."""
     if not isinstance(input_shape, Mapping):
         return filtered
-    produced = {top for layer in message.layer for top in layer.top} | set(message.input)
-    read = {bottom for layer in filtered for bottom in layer.bottom}
+    produced, unproduced = set(message.input), []  # blobs read before any layer writes them
+    for layer in filtered:
+        unproduced.extend(b for b in layer.bottom if b not in produced and b not in unproduced)
+        produced.update(layer.top)
     declared = []
     for name, shape in input_shape.items():
-        if name in produced or name not in read:
+        if name not in unproduced:
             continue
         layer = schema.LayerParameter(name=str(name), type="Input", top=[str(name)])
         layer.input_param.shape.add().dim.extend([1, *(int(v) for v in shape)])
