@@ -47,15 +47,27 @@ def column_sq_norms(kernel):
     return ops.sum(ops.square(ops.transpose(ops.cast(kernel, "float32"))), axis=-1)
 
 
-def sparse_labels(owner: str, labels, num_classes: int):
-    """Class ids (batch,) int32 from sparse (batch,)/(batch, 1) ids or one-hot (batch, C) labels."""
+def sparse_labels(owner: str, labels, num_classes: int, batch: int | None = None):
+    """Class ids (batch,) int32 from sparse (batch,)/(batch, 1) integer ids or one-hot (batch, C) labels.
+
+    Where the labels enter: their dtype, their batch against ``batch`` (the predictions', when known: static
+    shapes, checked at trace time), the range of the ids, one-hot rows. Ids stay integer end to end (never
+    through a float dtype, where float32 rounds ids above 2^24); the range is checked in the labels' own
+    dtype before the cast to int32, so an int64 id >= 2^31 cannot wrap to a valid one. Where nothing can
+    raise (XLA), an invalid id or a row that is not one-hot becomes id -1: its loss is NaN.
+    """
     kind = _validation.label_kind(owner, labels, num_classes)
+    _validation.check_batch(owner, "labels", labels, batch, "the predictions")
     if kind == "one_hot":
-        ids = ops.argmax(labels, axis=-1)
-    else:
-        ids = ops.reshape(labels, (-1,))
-        ids = _validation.check_class_ids(owner, ids, num_classes)
-    return ops.cast(ids, "int32")
+        labels = _validation.check_one_hot(owner, labels, num_classes)
+        ids = ops.cast(ops.argmax(labels, axis=-1), "int32")
+        return ops.where(_validation.one_hot_rows(labels), ids, -1)
+    ids = ops.reshape(labels, (-1,))
+    ids = _validation.check_class_ids(owner, ids, num_classes)
+    if _validation.dtype_name(ids) == "int32":
+        return ids
+    in_range = ops.logical_and(ids >= 0, ids < num_classes)  # in the ids' own dtype: no wrap-around
+    return ops.where(in_range, ops.cast(ids, "int32"), -1)
 
 
 def margin_logits(cos_theta, class_ids, target: TargetFn, scale):
@@ -116,7 +128,7 @@ def _valid(class_ids, num_classes: int):
 def margin_softmax_loss(owner: str, y_true, cos_theta, target: TargetFn, scale):
     """Per-sample margin-softmax cross-entropy of cosines ``cos_theta`` (batch, C) and labels ``y_true``."""
     _validation.check_cosines(owner, cos_theta)
-    class_ids = sparse_labels(owner, y_true, cos_theta.shape[-1])
+    class_ids = sparse_labels(owner, y_true, cos_theta.shape[-1], batch=cos_theta.shape[0])
     return margin_cross_entropy(cos_theta, class_ids, target, scale)
 
 
@@ -124,6 +136,6 @@ def agent_loss(owner: str, y_true, cos_theta, objective: Callable[[Any, Any], An
     """Per-sample ``objective(cos_theta, class_ids)`` of an agent (distance) objective, with the same label
     handling and checks as ``margin_softmax_loss``: NaN for a class id outside [0, C)."""
     _validation.check_cosines(owner, cos_theta)
-    class_ids = sparse_labels(owner, y_true, cos_theta.shape[-1])
+    class_ids = sparse_labels(owner, y_true, cos_theta.shape[-1], batch=cos_theta.shape[0])
     per_sample = objective(ops.cast(cos_theta, "float32"), class_ids)
     return ops.where(_valid(class_ids, cos_theta.shape[-1]), per_sample, float("nan"))

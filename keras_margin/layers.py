@@ -159,7 +159,7 @@ class CosineDense(keras.layers.Layer):
         )
 
     def cosine(self, x):
-        _validation.check_embeddings(type(self).__name__, x)
+        _validation.check_embeddings(type(self).__name__, x, self.kernel.shape[0])
         return cosine_matrix(x, self.kernel, self.compute_dtype)
 
     def call(self, inputs):
@@ -282,13 +282,13 @@ class MarginHead(CosineDense):
             )
         x, labels = inputs
         if self.fused_loss:
-            _validation.check_embeddings(type(self).__name__, x)
-            class_ids = sparse_labels(type(self).__name__, labels, self.units)
+            _validation.check_embeddings(type(self).__name__, x, self.kernel.shape[0])
+            class_ids = sparse_labels(type(self).__name__, labels, self.units, batch=x.shape[0])
             per_sample = self.per_sample_loss(x, class_ids, training=bool(training))
             self.add_loss(ops.mean(per_sample))
             return per_sample
         cos_theta = self.cosine(x)
-        class_ids = sparse_labels(type(self).__name__, labels, self.units)
+        class_ids = sparse_labels(type(self).__name__, labels, self.units, batch=x.shape[0])
         if training:
             return margin_logits(cos_theta, class_ids, self.training_target(), self.scale(x))
         return margin_logits(cos_theta, class_ids, lambda c: c, self.scale(x))
@@ -879,7 +879,7 @@ class NormFaceContrastiveHead(NormFaceHead):
                              f"{len(inputs)} inputs.")
         x, labels = inputs
         cos_theta = self.cosine(x)
-        class_ids = sparse_labels(type(self).__name__, labels, self.units)
+        class_ids = sparse_labels(type(self).__name__, labels, self.units, batch=x.shape[0])
         contrastive = self.agent_weight * normface_agents.c_contrastive(self.agent_cosines(x), class_ids,
                                                                         self.margin)
         if self.fused_loss:

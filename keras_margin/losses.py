@@ -8,6 +8,7 @@ classes keep them as attributes (``AMSoftmaxLoss().m == 0.35``), as Keras' losse
 
 from __future__ import annotations
 
+import threading
 import weakref
 
 import keras
@@ -329,6 +330,20 @@ def combined_margin_loss(y_true, cos_theta, s: float = arcface.COMBINED_DEFAULT_
 # Classes: what model.compile takes.
 
 
+#: Per thread, the (loss, labels) of the ``MarginLoss.__call__`` calls in progress.
+_LABELS_IN_FLIGHT = threading.local()
+
+
+def _placeholder_ids(owner: str, y_true, y_pred):
+    """Sparse labels that are not integers reach ``call`` only as Keras' float placeholders (its symbolic
+    build of the compiled loss; ``__call__`` refuses them otherwise): cast those to int32; anything else
+    is returned unchanged, for ``core.sparse_labels`` to check."""
+    if (_validation.label_kind(owner, y_true, y_pred.shape[-1], check_dtype=False) == "sparse"
+            and not _validation.dtype_name(y_true).startswith(("int", "uint"))):
+        return ops.cast(y_true, "int32")
+    return y_true
+
+
 class MarginLoss(keras.losses.Loss):
     """Base of the margin losses: checks the labels, then calls the objective's function.
 
@@ -375,22 +390,38 @@ class MarginLoss(keras.losses.Loss):
         return {key: getattr(self, key) for key in self._hyper_parameter_names}
 
     def __call__(self, y_true, y_pred, sample_weight=None):
-        # Keras casts y_true to the loss dtype before ``call``: check the labels as the user gave them.
+        """``keras.losses.Loss.__call__`` (masks, ``sample_weight``, reduction), except that ``call`` gets the
+        labels in their own dtype: Keras casts them to the loss dtype first, where float32 rounds class ids
+        above 2^24 (float16: 2048, bfloat16: 256) and an int64 id >= 2^32 can come back as a valid one.
+        Labels and sample weights are checked here, where they enter (``core.sparse_labels`` checks the ids)."""
+        owner = type(self).__name__
         if not hasattr(y_true, "dtype"):
             y_true = ops.convert_to_tensor(y_true)
-        num_classes = y_pred.shape[-1] if hasattr(y_pred, "shape") else None
+        shape = tuple(y_pred.shape) if hasattr(y_pred, "shape") else None
+        num_classes, batch = (shape[-1], shape[0]) if shape and len(shape) >= 2 else (None, None)
         # Keras' own symbolic build of the compiled loss passes float64 placeholder labels: the user's
         # labels are checked when real data arrives, so only the shape is checked there.
         if num_classes is not None:
-            _validation.label_kind(type(self).__name__, y_true, num_classes,
-                                   check_dtype=not _keras_private.in_symbolic_scope())
-        return super().__call__(y_true, y_pred, sample_weight=sample_weight)
+            _validation.label_kind(owner, y_true, num_classes, check_dtype=not _keras_private.in_symbolic_scope())
+        _validation.check_sample_weight(owner, sample_weight, batch)
+        # Keras' __call__ hands ``call`` its float copy of the labels; ``call`` takes these instead. Per thread:
+        # tf.distribute calls a loss from one thread per replica.
+        in_flight = _LABELS_IN_FLIGHT.__dict__.setdefault("stack", [])
+        in_flight.append((self, y_true))
+        try:
+            return super().__call__(y_true, y_pred, sample_weight=sample_weight)
+        finally:
+            in_flight.pop()
+
+    def _labels(self, y_true, y_pred):
+        """The labels ``__call__`` was given (not Keras' cast copy), Keras' float placeholders as int32."""
+        in_flight = _LABELS_IN_FLIGHT.__dict__.get("stack")
+        if in_flight and in_flight[-1][0] is self:
+            y_true = in_flight[-1][1]
+        return _placeholder_ids(type(self).__name__, y_true, y_pred)
 
     def call(self, y_true, y_pred):
-        num_classes = y_pred.shape[-1]
-        if _validation.label_kind(type(self).__name__, y_true, num_classes, check_dtype=False) == "sparse":
-            y_true = ops.cast(y_true, "int32")
-        return type(self).fn(y_true, y_pred, **self.hyper_parameters)
+        return type(self).fn(self._labels(y_true, y_pred), y_pred, **self.hyper_parameters)
 
     def get_config(self):
         return {"name": self.name, "reduction": self.reduction, **self.hyper_parameters}
@@ -890,9 +921,7 @@ class HeadLoss(MarginLoss):
         return head
 
     def call(self, y_true, y_pred):
-        if _validation.label_kind(type(self).__name__, y_true, y_pred.shape[-1], check_dtype=False) == "sparse":
-            y_true = ops.cast(y_true, "int32")
-        return self.get_head().cosine_loss(y_true, y_pred)
+        return self.get_head().cosine_loss(self._labels(y_true, y_pred), y_pred)
 
     def get_config(self):
         return {"name": self.name, "reduction": self.reduction, "head": self.head_name}

@@ -73,13 +73,20 @@ def run(args: argparse.Namespace) -> int:
                       "(ONNX is always exported in float32)")
     if args.batch_size < 1:
         return fail(PROG, f"--batch-size must be >= 1; got {args.batch_size}")
+    if args.opset is not None and not 7 <= args.opset <= 99:
+        return fail(PROG, f"--opset must be an ONNX opset tf2onnx converts to (7 or more; default: tf2onnx's); "
+                          f"got {args.opset}")
+    from keras_margin.export._files import check_writable
+
     for option, path, suffix in (("--onnx", args.onnx, ".onnx"), ("--tflite", args.tflite, ".tflite")):
         if path is None:
             continue
         if Path(path).suffix != suffix:
             return fail(PROG, f"{option} {path}: the file name must end in {suffix}")
-        if not Path(path).resolve().parent.is_dir():
-            return fail(PROG, f"{option} {path}: the folder {Path(path).parent} does not exist")
+        try:
+            check_writable(path, option)  # before any work: not a folder, and its folder takes a new file
+        except (FileNotFoundError, ValueError) as error:
+            return fail(PROG, error)
 
     from keras_margin.export.embedding import embedding_model, find_head
     from keras_margin.export.loading import load_inputs, load_model
@@ -117,8 +124,8 @@ def run(args: argparse.Namespace) -> int:
         if args.tflite:
             reports.append(export_tflite(model, args.tflite, quantize=quantize, include_head=args.include_head,
                                          inputs=inputs, batch_size=args.batch_size, verbose=True))
-    except (FileNotFoundError, ValueError, RuntimeError, TypeError) as error:
-        return fail(PROG, str(error))
+    except (FileNotFoundError, ValueError, RuntimeError, TypeError, MemoryError) as error:
+        return fail(PROG, str(error) or "out of memory")
     failed = [report for report in reports if not report.within_tolerance()]
     for report in failed:
         print(f"PARITY CHECK FAILED: {report.format} {report.precision} differs from Keras beyond tolerance")

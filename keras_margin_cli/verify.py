@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from keras_margin_cli import fail
 
@@ -99,9 +98,14 @@ def run(args: argparse.Namespace) -> int:
         return fail(PROG, f"--batch-size must be >= 1; got {args.batch_size}")
     if any(not 0.0 <= far <= 1.0 for far in args.far or ()):
         return fail(PROG, f"--far values must be in [0, 1]; got {args.far}")
+    from keras_margin.export._files import atomic_output, check_writable
+
     for option, path in (("--roc", args.roc), ("--json", args.json)):
-        if path is not None and not Path(path).resolve().parent.is_dir():
-            return fail(PROG, f"{option} {path}: the folder {Path(path).parent} does not exist")
+        try:
+            if path is not None:  # before any work, not after the embeddings
+                check_writable(path, option)
+        except (FileNotFoundError, ValueError) as error:
+            return fail(PROG, error)
     if args.scale is not None and args.scale <= 0:
         return fail(PROG, f"--scale must be > 0; got {args.scale:g}")
     try:
@@ -143,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
                               "flip": resolved.flip, "description": resolved.description},
         }
         try:
-            with open(args.json, "w") as handle:
+            with atomic_output(args.json) as partial, open(partial, "w") as handle:
                 json.dump(figures, handle, indent=2)
         except OSError as error:
             return fail(PROG, f"{args.json}: cannot write: {error.strerror}")

@@ -1,5 +1,6 @@
 """``keras-margin convert --check``: checked before converting, runs without a caffemodel (on the model's own
-initial weights), turns OpenCV failures into one line, and never leaves a partial .keras at the output path."""
+initial weights), turns OpenCV failures into one line, writes only a model whose check passed, and never
+leaves a partial .keras at the output path."""
 
 from __future__ import annotations
 
@@ -123,7 +124,7 @@ def test_an_opencv_error_during_the_check_is_one_line_naming_the_layer(tmp_path,
     assert output.exists()
 
 
-def test_a_failed_check_keeps_the_file_and_says_so(train_prototxt, tmp_path, capsys):
+def test_a_failed_check_writes_nothing_and_says_so(train_prototxt, tmp_path, capsys):
     rng = np.random.default_rng(0)
     reference = tmp_path / "ref.npz"
     np.savez(reference, data=((rng.uniform(0, 255, (2, 3, 28, 24)) - 128) / 128).astype(np.float32),
@@ -132,8 +133,8 @@ def test_a_failed_check_keeps_the_file_and_says_so(train_prototxt, tmp_path, cap
     code = _run(train_prototxt, "-o", output, "--input-shape", "3,28,24", "--check", reference, "--quiet")
     out, _ = capsys.readouterr()
     assert code == 1
-    assert output.exists()
-    assert f"KEPT      {output} was written although the parity check FAILED (exit 1)" in out
+    assert not output.exists()
+    assert f"NOT WRITTEN  {output}: the parity check FAILED (exit 1)" in out
 
 
 def test_an_interrupted_save_leaves_no_partial_file(train_prototxt, tmp_path, monkeypatch, capsys):

@@ -5,10 +5,11 @@ Exit codes: 0 converted (and parity within tolerance), 1 parity check failed, 2 
 no traceback).
 
 The output is written to a temporary file in the output's folder and moved onto the output path
-(``os.replace``) only once everything asked for has run: an error, Ctrl-C or a failed save never leaves a
-partial file there, and an error (exit 2, including a ``--check`` that cannot run) leaves no new output at
-all. When the parity check runs but finds a divergence (exit 1), the converted file IS kept at the output
-path, and the summary says so: it is what the converter produced, worth inspecting with ``--report``.
+(``os.replace``) only once everything asked for has run and passed: an error, Ctrl-C or a failed save never
+leaves a partial file there, and an error (exit 2, including a ``--check`` that cannot run) leaves no new output
+at all. Only what passed is written: when the parity check runs but finds a divergence (exit 1), nothing is
+written (a previous file at the output path stays as it was) and the summary says so; ``--report`` shows every
+blob, and converting without ``--check`` writes the file for inspection.
 
 ``--check`` is validated before anything is converted or written: ``opencv`` needs an importable cv2 with
 ``cv2.dnn.readNetFromCaffe``, anything else must be an existing ``.npz`` file. ``--check opencv`` without a
@@ -120,6 +121,12 @@ def _output_path(args) -> str:
         raise ConversionError(f"-o {output}: the folder {folder} does not exist; create it first")
     if os.path.isdir(output):
         raise ConversionError(f"-o {output}: is a folder; give a file name ending in .keras")
+    from keras_margin.export._files import check_writable
+
+    try:
+        check_writable(output, "-o")  # before converting: a read-only folder fails now, not after the work
+    except (FileNotFoundError, ValueError) as error:
+        raise ConversionError(str(error)) from None
     return output
 
 
@@ -139,7 +146,8 @@ def _megabytes(path: str) -> str:
 
 def _save_atomically(model, output: str, finish) -> object:
     """Save ``model`` to a temporary .keras beside ``output``, call ``finish()`` (the check), then move the file
-    onto ``output``; on any error or interrupt the temporary file is removed and ``output`` is untouched."""
+    onto ``output`` if the check passed (``finish()`` returns None or a report with ``ok``); on a failed check,
+    any error or interrupt the temporary file is removed and ``output`` is untouched."""
     folder = os.path.dirname(os.path.abspath(output))
     handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(output)}.", suffix=".partial.keras", dir=folder)
     os.close(handle)
@@ -152,7 +160,10 @@ def _save_atomically(model, output: str, finish) -> object:
         os.umask(umask)
         os.chmod(temporary, 0o666 & ~umask)  # mkstemp's 0600 -> what open() would have given the output
         result = finish()
-        os.replace(temporary, output)
+        if result is not None and not result.ok:
+            os.remove(temporary)  # only what passed is written
+        else:
+            os.replace(temporary, output)
         return result
     except BaseException:
         if os.path.exists(temporary):
@@ -219,7 +230,9 @@ def _run(args: argparse.Namespace) -> int:
     else:
         weights = "none: initialised from the prototxt fillers"
     caffe_count = len(plan.caffe_layers)
-    lines = [f"{PROG}: {args.prototxt} (phase {plan.phase}) -> {output}"]
+    failed = report is not None and not report.ok
+    written = " (not written: the check failed)" if failed else ""
+    lines = [f"{PROG}: {args.prototxt} (phase {plan.phase}) -> {output}{written}"]
     lines.append(f"  layers    {caffe_count} Caffe layers -> {len(model.layers)} Keras layers"
                  + (f"; dropped {', '.join(f'{d.name} ({d.type})' for d in plan.dropped)}" if plan.dropped else ""))
     lines.append(f"  params    {model.count_params():,} (Caffe blobs: {plan.parameter_count:,}); weights {weights}")
@@ -251,8 +264,9 @@ def _run(args: argparse.Namespace) -> int:
             lines.append(f"  {head}")
             lines.extend(rest)
         if not report.ok:
-            lines.append(f"  KEPT      {output} was written although the parity check FAILED (exit 1); "
-                         "do not use it before finding the divergence (--report shows every blob)")
+            lines.append(f"  NOT WRITTEN  {output}: the parity check FAILED (exit 1), so the model was not saved"
+                         f"{' (the previous file is unchanged)' if os.path.exists(output) else ''}; --report shows "
+                         "every blob, and converting without --check writes the file for inspection")
     print("\n".join(lines))
     if report is not None and not report.ok:
         return 1

@@ -10,7 +10,11 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["Preprocessing", "load_image", "load_images"]
+__all__ = ["MAX_PIXELS", "Preprocessing", "image_size", "load_image", "load_images"]
+
+#: The largest image decoded: 2^26 pixels (8192 x 8192; 0.8 GB as float32 RGB). A PNG of 20,000 x 20,000 pixels
+#: compresses to about a megabyte and would need 4.8 GB: its size is read from the header and refused first.
+MAX_PIXELS = 2 ** 26
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,50 @@ class Preprocessing:
         return np.ascontiguousarray(x, np.float32)
 
 
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) from the header of a PNG, JPEG, GIF or BMP file, without decoding it; None when the
+    format is not one of these or its header is cut short (the decoder then says what is wrong).
+
+    Example:
+    >>> image_size(b"\\x89PNG\\r\\n\\x1a\\n" + b"\\x00\\x00\\x00\\rIHDR" + (20000).to_bytes(4, "big") * 2)
+    (20000, 20000)
+    """
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
+        return int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")
+    if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
+        return int.from_bytes(data[8:10], "little"), int.from_bytes(data[6:8], "little")
+    if data[:2] == b"BM" and len(data) >= 26:
+        width, height = (int.from_bytes(data[i:i + 4], "little", signed=True) for i in (18, 22))
+        return abs(height), abs(width)
+    if data[:2] == b"\xff\xd8":
+        return _jpeg_size(data)
+    return None
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) from a JPEG's first start-of-frame marker (SOF0..SOF15 but DHT, JPG, DAC)."""
+    at = 2
+    while at + 4 <= len(data):
+        if data[at] != 0xFF:
+            return None
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):  # standalone markers: no length
+            at += 2
+            continue
+        length = int.from_bytes(data[at + 2:at + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if at + 9 > len(data):
+                return None
+            return int.from_bytes(data[at + 5:at + 7], "big"), int.from_bytes(data[at + 7:at + 9], "big")
+        if length < 2:
+            return None
+        at += 2 + length
+    return None
+
+
 def load_image(path: str | os.PathLike, size: tuple[int, int] | None = None) -> np.ndarray:
     """Decode an image file to RGB pixels (H, W, 3) float32 in 0..255, resized (bilinear) to ``size`` if given.
 
@@ -105,8 +153,14 @@ def load_image(path: str | os.PathLike, size: tuple[int, int] | None = None) -> 
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such image file")
+    with open(path, "rb") as handle:
+        data = handle.read()
+    found = image_size(data)
+    if found is not None and found[0] * found[1] > MAX_PIXELS:
+        raise ValueError(f"{path}: the image is {found[0]} x {found[1]} pixels, more than the {MAX_PIXELS:,} "
+                         f"(8192 x 8192) decoded at most; face crops are far smaller: resize it first")
     try:
-        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        image = tf.io.decode_image(data, channels=3, expand_animations=False)
     except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"{path}: cannot decode the image (JPEG, PNG, BMP or GIF expected): {message}") from None

@@ -65,8 +65,9 @@ def evaluate_lfw(model: "keras.Model", pairs: str | os.PathLike, images: str | o
     from keras_margin.export.embedding import embedding_model
 
     if roc is not None:  # fail before the embeddings, not after
-        if not Path(roc).parent.is_dir():
-            raise FileNotFoundError(f"{roc}: the folder {Path(roc).parent} does not exist")
+        from keras_margin.export._files import check_writable
+
+        check_writable(roc)
         try:
             import matplotlib  # noqa: F401
         except ImportError:

@@ -34,14 +34,25 @@ class Pair:
     line: int
 
 
+def _is_number(text: str) -> bool:
+    """At most 9 ASCII digits: ``str.isdigit`` also takes "²" (which ``int`` refuses) and Arabic-Indic digits,
+    and ``int`` refuses more than 4,300 digits."""
+    return text.isascii() and text.isdigit() and len(text) <= 9
+
+
+def _check_name(name: str, where: str) -> None:
+    """A person name is one folder inside the images folder: no separator, no "." / "..", nothing absolute."""
+    if name in (".", "..") or any(c in name for c in "/\\\0:") or name != name.strip():
+        raise PairsFileError(f"{where}: person name {name!r} is not a folder name inside the images folder "
+                             "(no '/', '\\', ':', '.' or '..'); the pairs file may only name folders in it")
+
+
 def _image(name: str, number: str, ext: str, where: str) -> str:
-    try:
-        index = int(number)
-    except ValueError:
-        index = -1
-    if index < 1 or not number.isdigit():
-        raise PairsFileError(f"{where}: image number {number!r} is not a positive integer")
-    return f"{name}/{name}_{index:04d}.{ext}"
+    _check_name(name, where)
+    if not _is_number(number) or int(number) < 1:
+        why = " (at most 9 ASCII digits 0-9)" if number.isdigit() else ""
+        raise PairsFileError(f"{where}: image number {number!r} is not a positive integer{why}")
+    return f"{name}/{name}_{int(number):04d}.{ext}"
 
 
 def _pair_line(fields: list[str], ext: str, where: str) -> tuple[str, str, bool]:
@@ -59,7 +70,7 @@ def _pair_line(fields: list[str], ext: str, where: str) -> tuple[str, str, bool]
 
 def _header(fields: list[str]) -> tuple[int, int] | None:
     """(sets, pairs per set) from a header line, None if the line is a pair line."""
-    if len(fields) in (1, 2) and all(field.isdigit() for field in fields):
+    if len(fields) in (1, 2) and all(_is_number(field) for field in fields):
         numbers = [int(field) for field in fields]
         return (numbers[0], numbers[1]) if len(numbers) == 2 else (1, numbers[0])
     return None
@@ -93,7 +104,9 @@ def parse_pairs(lines: Iterable[str], source: str = "pairs.txt", ext: str = "jpg
     >>> [(p.first, p.second, p.same, p.fold) for p in pairs]
     [('Ann/Ann_0001.jpg', 'Ann/Ann_0002.jpg', True, 0), ('Ann/Ann_0001.jpg', 'Bob/Bob_0003.jpg', False, 0)]
     """
-    numbered = [(number, line.split()) for number, line in enumerate(lines, start=1)]
+    # A UTF-8 byte-order mark (Windows editors write one) is not part of the first line.
+    numbered = [(number, (line.removeprefix("\ufeff") if number == 1 else line).split())
+                for number, line in enumerate(lines, start=1)]
     numbered = [(number, fields) for number, fields in numbered if fields]
     if not numbered:
         raise PairsFileError(f"{source}: the file holds no pairs")
@@ -104,6 +117,9 @@ def parse_pairs(lines: Iterable[str], source: str = "pairs.txt", ext: str = "jpg
                              f"{' '.join(numbered[0][1])!r}")
     first_fields = numbered[0][1]
     if header is None and (len(first_fields) in (1, 2) or all(field.isdigit() for field in first_fields)):
+        if any(field.isdigit() and not _is_number(field) for field in first_fields):
+            raise PairsFileError(f"{source}:{numbered[0][0]}: the header {' '.join(first_fields)!r} holds a digit that "
+                                 "is not ASCII 0-9; write the counts with ASCII digits, e.g. '10 300'")
         raise PairsFileError(
             f"{source}:{numbered[0][0]}: expected a header 'sets pairs_per_set' (e.g. '10 300'), 'pairs' (View 1, "
             f"e.g. '500') or a pair line; got {' '.join(numbered[0][1])!r}"
@@ -182,7 +198,7 @@ def read_pairs(path: str | os.PathLike, ext: str = "jpg") -> list[Pair]:
     if not path.is_file():
         raise PairsFileError(f"{path}: no such pairs file")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is accepted
     except UnicodeDecodeError as error:
         line = path.read_bytes()[: error.start].count(b"\n") + 1
         raise PairsFileError(f"{path}:{line}: not UTF-8 text; is this a pairs file?") from None
@@ -192,8 +208,11 @@ def read_pairs(path: str | os.PathLike, ext: str = "jpg") -> list[Pair]:
 def image_paths(pairs: Sequence[Pair], images_dir: str | os.PathLike, source: str = "pairs.txt") -> list[Path]:
     """The distinct image files the pairs use, in first-use order, after checking that each exists.
 
+    Every image must lie inside ``images_dir`` once links are resolved: a person folder (or image) that is a
+    symbolic link pointing outside it is refused, as a name that leaves it is by ``parse_pairs``.
+
     Raises:
-        PairsFileError: naming the line of the first pair whose image is missing.
+        PairsFileError: naming the line of the first pair whose image is missing or lies outside the folder.
 
     Example:
     >>> import tempfile, pathlib
@@ -208,6 +227,7 @@ def image_paths(pairs: Sequence[Pair], images_dir: str | os.PathLike, source: st
     images_dir = Path(images_dir)
     if not images_dir.is_dir():
         raise PairsFileError(f"{images_dir}: no such images folder")
+    root = images_dir.resolve()
     seen: dict[str, Path] = {}
     for pair in pairs:
         for relative in (pair.first, pair.second):
@@ -217,5 +237,10 @@ def image_paths(pairs: Sequence[Pair], images_dir: str | os.PathLike, source: st
             if not path.is_file():
                 raise PairsFileError(f"{source}:{pair.line}: image {relative!r} is not in {images_dir} "
                                      f"(expected {path})")
+            target = path.resolve()
+            if not target.is_relative_to(root):
+                raise PairsFileError(f"{source}:{pair.line}: image {relative!r} resolves to {target}, outside the "
+                                     f"images folder {root} (a symbolic link out of it); copy the images into the "
+                                     "folder instead")
             seen[relative] = path
     return list(seen.values())

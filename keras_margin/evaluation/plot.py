@@ -40,9 +40,9 @@ def plot_roc(report: VerificationReport, path: str | os.PathLike, label: str | N
         from matplotlib.figure import Figure
     except ImportError:
         raise ImportError("plotting the ROC needs matplotlib, which is not installed: pip install matplotlib") from None
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"{path}: the folder {path.parent} does not exist")
+    from keras_margin.export._files import atomic_output, check_writable
+
+    path = check_writable(path)
     floor = 1.0 / max(report.impostor, 1)
     far = np.maximum(report.far, floor / 10)  # FAR = 0 cannot sit on a log axis: draw it at a tenth of 1/n
     figure = Figure(figsize=(6.0, 4.5), dpi=120)
@@ -62,5 +62,6 @@ def plot_roc(report: VerificationReport, path: str | os.PathLike, label: str | N
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(loc="lower right")
     figure.tight_layout()
-    figure.savefig(path)
+    with atomic_output(path) as partial:  # the format follows the suffix, which the partial file keeps
+        figure.savefig(partial)
     return path

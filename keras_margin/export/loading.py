@@ -42,10 +42,37 @@ def load_model(path: str | os.PathLike) -> "keras.Model":
     try:
         return keras.models.load_model(path)
     except Exception as error:  # Keras raises many types; the CLI reports them in one line
-        reason = " ".join(str(error).split()) or type(error).__name__
-        if len(reason) > 300:
-            reason = reason[:300] + " ..."
-        raise ValueError(f"{path}: Keras cannot load the model: {reason}") from None
+        raise ValueError(f"{path}: Keras cannot load the model: {load_error_reason(error)}") from None
+
+
+#: A reason longer than this keeps its start and its end (where Keras puts the inner exception).
+_REASON_LIMIT = 1500
+
+
+def load_error_reason(error: BaseException) -> str:
+    """The reason of a Keras load failure, in one line: the innermost ``Exception encountered:`` part (Keras
+    wraps a layer's error in its model's, each with a dump of the config), without the config dumps, and not
+    cut short (a safe_mode refusal ends in the option that lifts it); only a reason still longer than 1,500
+    characters loses its middle.
+
+    Example:
+    >>> load_error_reason(TypeError("<class 'Sequential'> could not be deserialized properly. config={'a': 1}."
+    ...                             "\\n\\nException encountered: Could not locate class 'Foo'. Full object config: "
+    ...                             "{'class_name': 'Foo'}"))
+    "Could not locate class 'Foo'. (in <class 'Sequential'>)"
+    """
+    text = str(error)
+    outer = text.split(" could not be deserialized properly", 1)[0] if "could not be deserialized" in text else ""
+    if "Exception encountered:" in text:
+        text = text.rsplit("Exception encountered:", 1)[1]
+    text = text.split(" Full object config:", 1)[0]
+    reason = " ".join(text.split()) or type(error).__name__
+    if outer and len(outer) < 200:
+        reason = f"{reason} (in {' '.join(outer.split())})"
+    if len(reason) > _REASON_LIMIT:
+        half = _REASON_LIMIT // 2
+        reason = f"{reason[:half]} ... {reason[-half:]}"
+    return reason
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from keras_margin.export._prepare import prepare
+from keras_margin.export._files import atomic_output, check_writable
+from keras_margin.export._prepare import check_memory, prepare
 from keras_margin.export.parity import ParityReport, check_parity, run_onnx
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -52,8 +53,19 @@ def _tidy(path: Path, input_names: list[str], output_name: str) -> None:
             node.output[:] = [output_name if name == old else name for name in node.output]
             node.input[:] = [output_name if name == old else name for name in node.input]
         graph.output[0].name = output_name
-    onnx.checker.check_model(proto)
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as error:
+        reason = " ".join(str(error).split())[:500]
+        raise ValueError(f"the ONNX file tf2onnx wrote is not valid ONNX (try the default --opset): {reason}") from None
     onnx.save(proto, os.fspath(path))
+
+
+def _opset_range() -> tuple[int, int]:
+    """The ONNX opsets tf2onnx converts to: 7 (the oldest ONNX Runtime runs) up to tf2onnx's newest."""
+    import tf2onnx.constants
+
+    return 7, max(tf2onnx.constants.OPSET_TO_IR_VERSION)
 
 
 def export_onnx(model: "keras.Model", path: str | os.PathLike, *, include_head: bool = False,
@@ -94,17 +106,26 @@ def export_onnx(model: "keras.Model", path: str | os.PathLike, *, include_head: 
     path = Path(path)
     if path.suffix != ".onnx":
         raise ValueError(f"{path}: the ONNX file name must end in .onnx")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"{path}: the folder {path.parent} does not exist")
+    check_writable(path)
+    if opset is not None:
+        low, high = _opset_range()
+        if isinstance(opset, bool) or not isinstance(opset, (int, np.integer)) or not low <= opset <= high:
+            raise ValueError(f"{path}: opset must be an integer in [{low}, {high}] (what tf2onnx converts to); "
+                             f"got {opset!r}")
     prepared = prepare(model, include_head, inputs, batch_size)
-    try:
-        with _quiet_tf2onnx():
-            prepared.model.export(os.fspath(path), format="onnx", verbose=False,
-                                  input_signature=prepared.call_signature(), opset_version=opset)
-    except Exception as error:  # tf2onnx raises many types; report the reason in one line
-        reason = " ".join(str(error).split())[:500] or type(error).__name__
-        raise ValueError(f"{path}: tf2onnx could not convert the model: {reason}") from None
-    _tidy(path, prepared.input_names, prepared.output_name)
+    check_memory(prepared.model, "ONNX")
+    with atomic_output(path) as partial:  # an error or Ctrl-C leaves no half-written or invalid file at path
+        try:
+            with _quiet_tf2onnx():
+                prepared.model.export(os.fspath(partial), format="onnx", verbose=False,
+                                      input_signature=prepared.call_signature(), opset_version=opset)
+        except Exception as error:  # tf2onnx raises many types; report the reason in one line
+            reason = " ".join(str(error).split())[:500] or type(error).__name__
+            raise ValueError(f"{path}: tf2onnx could not convert the model: {reason}") from None
+        try:
+            _tidy(partial, prepared.input_names, prepared.output_name)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
     report = check_parity("ONNX", path, None, prepared.model, prepared.inputs, run_onnx,
                           probe=prepared.probe)
     if verbose:

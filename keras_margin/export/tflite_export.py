@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from keras_margin.export._prepare import prepare
+from keras_margin.export._files import atomic_output, check_writable
+from keras_margin.export._prepare import check_memory, prepare
 from keras_margin.export.parity import ParityReport, check_parity, run_tflite
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -90,9 +91,9 @@ def export_tflite(model: "keras.Model", path: str | os.PathLike, quantize: str |
     path = Path(path)
     if path.suffix != ".tflite":
         raise ValueError(f"{path}: the TFLite file name must end in .tflite")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"{path}: the folder {path.parent} does not exist")
+    check_writable(path)
     prepared = prepare(model, include_head, inputs, batch_size)
+    check_memory(prepared.model, "TFLite")
     with tempfile.TemporaryDirectory(prefix="keras_margin_tflite_") as saved_model_dir:
         converter = _converter(prepared, saved_model_dir, quantize)
         try:
@@ -101,7 +102,9 @@ def export_tflite(model: "keras.Model", path: str | os.PathLike, quantize: str |
             lines = [line.strip() for line in str(error).splitlines() if "error:" in line]
             reason = "; ".join(dict.fromkeys(lines)) or " ".join(str(error).split())[:500]
             raise ValueError(f"{path}: the TFLite converter failed (built-in ops only): {reason}") from None
-    path.write_bytes(flatbuffer)
+    with atomic_output(path) as partial:
+        partial.write_bytes(flatbuffer)
+    del flatbuffer
 
     def runner(file, batch):
         return run_tflite(file, batch, num_threads=num_threads)

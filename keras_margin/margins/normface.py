@@ -15,6 +15,9 @@ DEFAULT_LEARN_SCALE = False
 DEFAULT_SCALE_MIN = 0.01  # the released config's learned-scale floor (Caffe Scale min_value: 0.01)
 
 
+_MAX_EXACT_COUNT = 2 ** 53
+
+
 def normface_target(cos_theta_y):
     """Target cosine of NormFace: unchanged, ``z_y = s * cos(theta_y)``."""
     return cos_theta_y
@@ -58,9 +61,12 @@ def normface_scale_lower_bound(num_classes: int, probability: float) -> float:
     >>> round(normface_scale_lower_bound(10516, 0.9), 2)
     11.46
     """
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
-        raise ValueError(f"`num_classes` must be an integer >= 2; got {num_classes!r}.")
-    if not 0.0 < float(probability) < 1.0:
-        raise ValueError(f"`probability` must be in (0, 1); got {probability!r}.")
-    c, p = num_classes, float(probability)
-    return (c - 1) / c * math.log((c - 1) * p / (1 - p))
+    owner = "normface_scale_lower_bound"
+    c = _validation.check_count(owner, "num_classes", num_classes, minimum=2)
+    if c > _MAX_EXACT_COUNT:
+        raise ValueError(f"{owner}: `num_classes` must be at most 2^53 (float64 counts exactly up to there; no "
+                         f"head holds more classes); got {num_classes!r}.")
+    p = _validation.check_number(owner, "probability", probability, low=0.0, high=1.0, low_open=True,
+                                 high_open=True)
+    # In logs: (C - 1) * P as a float would overflow long before C itself does.
+    return (c - 1) / c * (math.log(c - 1) + math.log(p) - math.log1p(-p))

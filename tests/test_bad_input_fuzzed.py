@@ -1,0 +1,375 @@
+"""Bad input from fuzzing (issues 13 and 17, the losses/heads and evaluation/CLI parts): every input ends in a named
+error or a right answer, nothing half-written. Each test feeds the input the fuzzer found and expects its error;
+where a right answer is expected it is checked against a NumPy transcription written here."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_margin_cli
+from converters.caffe import cli as convert_cli
+from keras_margin import AMSoftmaxHead, NormFaceHead
+from keras_margin.evaluation.images import MAX_PIXELS, image_size, load_image
+from keras_margin.evaluation.pairs import PairsFileError, image_paths, parse_pairs, read_pairs
+from keras_margin.export import export_onnx, export_tflite, load_model
+from keras_margin.export._files import atomic_output, check_writable
+from keras_margin.export._prepare import EXPORT_MEMORY_BASE, EXPORT_MEMORY_FACTOR, check_memory, weight_bytes
+from keras_margin.losses import (
+    AMSoftmaxLoss,
+    SphereFaceLoss,
+    amsoftmax_loss,
+    normface_scale_lower_bound,
+)
+from tests.caffe_nets import face_resnet20_prototxt, write_net
+
+
+def amsoftmax_reference(ids, cos, s=30.0, m=0.35):
+    """NumPy AM-Softmax (Wang et al. 2018, Eq. 4): logsumexp(z) - z_y, z_y = s (cos_y - m), z_j = s cos_j."""
+    cos = np.asarray(cos, np.float64)
+    z = s * cos.copy()
+    rows = np.arange(len(ids))
+    z[rows, ids] = s * (cos[rows, ids] - m)
+    top = z.max(axis=1, keepdims=True)
+    return (top[:, 0] + np.log(np.exp(z - top).sum(axis=1))) - z[rows, ids]
+
+
+def _cosines(batch, classes, seed=0):
+    return np.random.default_rng(seed).uniform(-1, 1, (batch, classes)).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Losses and heads
+
+
+@pytest.mark.parametrize("labels", [np.array([0, 1, 2]), np.eye(5, dtype="float32")[:3]], ids=["ids", "one-hot"])
+def test_labels_of_another_batch_name_both_sizes(labels):
+    with pytest.raises(ValueError, match=r"labels hold 3 samples but the predictions hold 4"):
+        AMSoftmaxLoss()(labels, _cosines(4, 5))
+    head = AMSoftmaxHead(5)
+    with pytest.raises(ValueError, match=r"labels hold 3 samples but the predictions hold 4"):
+        head([np.ones((4, 8), "float32"), labels])
+
+
+def test_sample_weight_of_the_wrong_length_names_both_sizes():
+    with pytest.raises(ValueError, match=r"sample weights hold 3 samples but the predictions hold 4"):
+        AMSoftmaxLoss()(np.arange(4), _cosines(4, 5), sample_weight=np.ones(3))
+    # The right length still weighs as Keras does: sum(w * loss) / batch.
+    cos, w = _cosines(4, 5), np.array([1.0, 0.0, 2.0, 0.5])
+    got = float(AMSoftmaxLoss()(np.arange(4), cos, sample_weight=w))
+    np.testing.assert_allclose(got, np.sum(w * amsoftmax_reference(np.arange(4), cos)) / 4, rtol=1e-5)
+
+
+def test_string_labels_name_the_dtype():
+    strings = np.array(["ann", "bob", "cy", "dan"])
+    for call in (lambda: AMSoftmaxLoss()(strings, _cosines(4, 5)), lambda: amsoftmax_loss(strings, _cosines(4, 5)),
+                 lambda: AMSoftmaxHead(5)([np.ones((4, 8), "float32"), tf.constant(strings)])):
+        with pytest.raises(ValueError, match=r"labels must be integer class ids .*got (<U3|string) labels"):
+            call()
+
+
+def test_a_head_built_for_8_called_on_9_names_both_sizes():
+    head = NormFaceHead(5)
+    head.build((None, 8))
+    for inputs in (np.ones((2, 9), "float32"), [np.ones((2, 9), "float32"), np.array([0, 1])]):
+        with pytest.raises(ValueError, match=r"built for embedding_dim 8 .* embeddings of size 9"):
+            head(inputs)
+    fused = AMSoftmaxHead(5, fused_loss=True)
+    fused.build([(None, 8), (None,)])
+    with pytest.raises(ValueError, match=r"built for embedding_dim 8 .* embeddings of size 9"):
+        fused([np.ones((2, 9), "float32"), np.array([0, 1])])
+
+
+@pytest.mark.parametrize("bad", [2 ** 32, 2 ** 32 + 1, 2 ** 31])
+def test_an_int64_id_beyond_int32_is_nan_in_a_compiled_step_not_a_wrapped_valid_id(bad):
+    cos = _cosines(4, 5)
+    ids = np.array([bad, 1, 2, 3], np.int64)
+
+    @tf.function(jit_compile=True)
+    def step(y, c):
+        return AMSoftmaxLoss(reduction=None)(y, c)
+
+    got = step(tf.constant(ids), tf.constant(cos)).numpy()
+    assert np.isnan(got[0])
+    np.testing.assert_allclose(got[1:], amsoftmax_reference(np.array([1, 2, 3]), cos[1:]), rtol=1e-5)
+    with pytest.raises(ValueError, match=rf"class ids must be in \[0, 5\); got \[{bad}\]"):
+        AMSoftmaxLoss()(ids, cos)
+
+
+@pytest.mark.parametrize("dtype, classes, target, neighbour", [("float16", 3000, 2049, 2048),
+                                                               ("bfloat16", 300, 257, 256)])
+def test_class_ids_never_pass_through_the_loss_dtype(dtype, classes, target, neighbour):
+    # float16 holds integers exactly up to 2048, bfloat16 up to 256: the target id would round to its neighbour.
+    cos = np.zeros((1, classes), np.float32)
+    cos[0, target], cos[0, neighbour] = 0.9, -0.9
+    for compiled in (False, True):
+        loss = AMSoftmaxLoss(reduction=None, dtype=dtype)
+        fn = tf.function(lambda y, c, loss=loss: loss(y, c), jit_compile=True) if compiled else loss
+        got = float(np.asarray(fn(tf.constant([target], tf.int64), tf.constant(cos)), np.float32)[0])
+        want = amsoftmax_reference(np.array([target]), cos)[0]
+        wrong = amsoftmax_reference(np.array([neighbour]), cos)[0]
+        assert abs(got - want) < 0.05 + 0.02 * abs(want) and abs(wrong - want) > 10, (got, want, wrong)
+
+
+@pytest.mark.parametrize("rows", [np.zeros((2, 5), "float32"), np.full((2, 5), 0.2, "float32"),
+                                  np.array([[0.9, 0.025, 0.025, 0.025, 0.025], [0, 1, 0, 0, 0]], "float32"),
+                                  np.array([[2, 0, 0, 0, 0], [0, 1, 0, 0, 0]], "float32"),
+                                  np.array([[1, -1, 1, 0, 0], [0, 1, 0, 0, 0]], "float32")],
+                         ids=["all-zero", "uniform", "label-smoothing", "two", "signed"])
+def test_rows_that_are_not_one_hot_are_refused_eagerly_and_nan_when_compiled(rows):
+    cos = _cosines(2, 5)
+    with pytest.raises(ValueError, match=r"read as one-hot .* soft labels .* not supported.*Rows that are not "
+                                         r"one-hot: \[0"):
+        AMSoftmaxLoss()(rows, cos)
+
+    @tf.function(jit_compile=True)
+    def step(y, c):
+        return AMSoftmaxLoss(reduction=None)(y, c)
+
+    got = step(tf.constant(rows), tf.constant(cos)).numpy()
+    assert np.isnan(got[0])
+    if rows[1].tolist() == [0, 1, 0, 0, 0]:  # a true one-hot row next to the bad one keeps its loss
+        np.testing.assert_allclose(got[1], amsoftmax_reference(np.array([1]), cos[1:])[0], rtol=1e-5)
+
+
+def test_rows_that_are_not_one_hot_stop_a_graph_step():
+    model = keras.Sequential([keras.Input((4,)), AMSoftmaxHead(5)])
+    model.compile("sgd", loss=AMSoftmaxLoss(), jit_compile=False)
+    x = np.random.default_rng(0).normal(size=(4, 4)).astype("float32")
+    with pytest.raises(tf.errors.InvalidArgumentError, match="read as one-hot"):
+        model.fit(x, np.full((4, 5), 0.2, "float32"), epochs=1, verbose=0)
+    history = model.fit(x, np.eye(5, dtype="float32")[:4], epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+
+
+@pytest.mark.parametrize("make, name", [(lambda: AMSoftmaxLoss(s=1e39), "s"),
+                                        (lambda: SphereFaceLoss(lambda_=1e308), "lambda_"),
+                                        (lambda: AMSoftmaxHead(5, s=-1e39), "s")])
+def test_hyper_parameters_beyond_float32_name_the_argument(make, name):
+    with pytest.raises(ValueError, match=rf"`{name}` must be a finite number .* that float32 can hold"):
+        make()
+
+
+def test_normface_scale_lower_bound_of_a_huge_num_classes_names_the_argument():
+    for huge in (10 ** 400, 2 ** 2000, 2 ** 53 + 1):
+        with pytest.raises(ValueError, match=r"normface_scale_lower_bound: `num_classes` must be at most 2\^53"):
+            normface_scale_lower_bound(huge, 0.9)
+    with pytest.raises(ValueError, match=r"`probability` must be a finite number in \(0.0, 1.0\)"):
+        normface_scale_lower_bound(10, 1.0)
+    c, p = 2 ** 53, 0.9  # the largest accepted: finite, from the paper's formula in logs
+    np.testing.assert_allclose(normface_scale_lower_bound(c, p), (c - 1) / c * np.log((c - 1) * p / (1 - p)),
+                               rtol=1e-12)
+    np.testing.assert_allclose(normface_scale_lower_bound(10516, 0.9), 10515 / 10516 * np.log(10515 * 9), rtol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Pairs files and images
+
+
+def test_names_that_leave_the_images_folder_are_refused_naming_the_line():
+    for name in ("../outside", "/etc", "..", "a/b", "a\\b", "C:x"):
+        with pytest.raises(PairsFileError, match=r"pairs.txt:2: person name .* not a folder name"):
+            parse_pairs(["1 1", f"{name} 1 2", "a 1 b 2"])
+
+
+@pytest.mark.parametrize("lines, line", [(["\u00b2 1", "a 1 2", "a 1 b 2"], 1), (["\u00b2", "a 1 2", "a 1 b 2"], 1),
+                                         (["\u0661 \u0661", "a 1 2", "a 1 b 2"], 1),
+                                         (["1 1", "a \u0661 2", "a 1 b 2"], 2),
+                                         (["1 1", "a 1 2", "a 1 b \u0663"], 3),
+                                         (["1 1", "a 1 " + "9" * 5000, "a 1 b 2"], 2)],
+                         ids=["superscript", "superscript-alone", "arabic-header", "arabic", "arabic-last", "long"])
+def test_digits_must_be_ascii_and_the_error_names_the_line(lines, line):
+    with pytest.raises(PairsFileError, match=rf"^pairs.txt:{line}: .*ASCII"):
+        parse_pairs(lines)
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path):
+    path = tmp_path / "pairs.txt"
+    path.write_bytes("\ufeff1\t1\nAnn\t1\t2\nAnn\t1\tBob\t3\n".encode("utf-8"))
+    pairs = read_pairs(path)
+    assert [(p.first, p.second, p.same, p.line) for p in pairs] == [
+        ("Ann/Ann_0001.jpg", "Ann/Ann_0002.jpg", True, 2), ("Ann/Ann_0001.jpg", "Bob/Bob_0003.jpg", False, 3)]
+
+
+def test_a_person_folder_linked_out_of_the_images_folder_is_refused(tmp_path):
+    images, outside = tmp_path / "images", tmp_path / "outside"
+    images.mkdir()
+    outside.mkdir()
+    for number in (1, 2):
+        (outside / f"Ann_{number:04d}.jpg").write_bytes(b"")
+    (images / "Ann").symlink_to(outside, target_is_directory=True)
+    (images / "Bob").mkdir()
+    (images / "Bob" / "Bob_0001.jpg").write_bytes(b"")
+    pairs = parse_pairs(["1 1", "Ann 1 2", "Bob 1 Bob 1"])
+    with pytest.raises(PairsFileError, match=r"pairs.txt:2: image 'Ann/Ann_0001.jpg' resolves to .*outside.*, "
+                                             r"outside the images folder"):
+        image_paths(pairs, images)
+    # A link that stays inside the folder is fine.
+    (images / "Ann").unlink()
+    (images / "Cy").symlink_to(images / "Bob", target_is_directory=True)
+    found = image_paths(parse_pairs(["1 1", "Bob 1 1", "Bob 1 Bob 1"]), images)
+    assert found == [images / "Bob" / "Bob_0001.jpg"]
+
+
+def _png_header_only(height: int, width: int) -> bytes:
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_a_huge_image_is_refused_from_its_header_before_decoding(tmp_path):
+    path = tmp_path / "huge.png"
+    path.write_bytes(_png_header_only(20000, 20000))
+    with pytest.raises(ValueError, match=r"huge.png: the image is 20000 x 20000 pixels, more than the 67,108,864"):
+        load_image(path)
+    assert MAX_PIXELS == 8192 * 8192
+    # The header reader agrees with TensorFlow's encoders (height, width), for every format it reads.
+    pixels = np.zeros((37, 53, 3), np.uint8)
+    assert image_size(tf.io.encode_png(pixels).numpy()) == (37, 53)
+    assert image_size(tf.io.encode_jpeg(pixels).numpy()) == (37, 53)
+    assert image_size(tf.io.encode_jpeg(pixels, progressive=True).numpy()) == (37, 53)
+    bmp = b"BM" + bytes(16) + struct.pack("<ii", 53, -37) + bytes(8)
+    assert image_size(bmp) == (37, 53)
+    gif = b"GIF89a" + struct.pack("<HH", 53, 37) + bytes(4)
+    assert image_size(gif) == (37, 53)
+    assert image_size(b"not an image") is None
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Outputs: checked before the work, written whole or not at all
+
+
+def _small_model(tmp_path) -> Path:
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4, name="embedding_dense"), AMSoftmaxHead(3)])
+    path = tmp_path / "m.keras"
+    model.save(path)
+    return path
+
+
+def _cli(argv, capsys):
+    code = keras_margin_cli.main([str(arg) for arg in argv])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    return code, out, err
+
+
+def test_unwritable_outputs_fail_before_any_work(tmp_path, capsys):
+    folder = tmp_path / "a_folder.tflite"
+    folder.mkdir()
+    code, _, err = _cli(["export", tmp_path / "absent.keras", "--tflite", folder], capsys)
+    assert code == 2 and f"--tflite {folder}: is a folder" in err
+    roc = tmp_path / "roc_folder"
+    roc.mkdir()
+    code, _, err = _cli(["verify", tmp_path / "absent.keras", "--pairs", "p.txt", "--images", ".", "--roc", roc],
+                        capsys)
+    assert code == 2 and f"--roc {roc}: is a folder" in err
+    code, _, err = _cli(["verify", tmp_path / "absent.keras", "--pairs", "p.txt", "--images", ".", "--json",
+                         tmp_path / "no" / "f.json"], capsys)
+    assert code == 2 and "the folder" in err and "does not exist" in err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder")
+def test_a_read_only_folder_fails_before_any_work(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        with pytest.raises(ValueError, match="cannot write in the folder"):
+            check_writable(locked / "m.tflite", "--tflite")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_an_interrupted_write_leaves_the_previous_file(tmp_path):
+    target = tmp_path / "model.tflite"
+    target.write_bytes(b"the previous file")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_output(target) as partial:
+            partial.write_bytes(b"half a flatbuffer")
+            raise KeyboardInterrupt
+    assert target.read_bytes() == b"the previous file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.tflite"]
+    with atomic_output(target) as partial:
+        partial.write_bytes(b"new")
+    assert target.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["model.tflite"]
+    assert (target.stat().st_mode & 0o777) == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_export_opset_1_is_refused_and_writes_nothing(tmp_path, capsys):
+    model = load_model(_small_model(tmp_path))
+    with pytest.raises(ValueError, match=r"opset must be an integer in \[7, \d+\]"):
+        export_onnx(model, tmp_path / "m.onnx", opset=1, verbose=False)
+    code, _, err = _cli(["export", tmp_path / "m.keras", "--onnx", tmp_path / "m.onnx", "--opset", "1"], capsys)
+    assert code == 2 and "--opset must be" in err
+    assert not (tmp_path / "m.onnx").exists() and not list(tmp_path.glob("*.partial*"))
+
+
+def test_export_of_a_huge_check_batch_is_refused_up_front(tmp_path, capsys):
+    model = keras.Sequential([keras.Input((112, 96, 3)), keras.layers.GlobalAveragePooling2D(), AMSoftmaxHead(3)])
+    path = tmp_path / "faces.keras"
+    model.save(path)
+    with pytest.raises(ValueError, match=r"batch_size 1000000 makes a parity-check batch of 123,047 MiB "
+                                         r"\(129,024 bytes a sample\); at most 256 MiB, i.e. batch_size <= 2080"):
+        export_tflite(model, tmp_path / "m.tflite", batch_size=1_000_000, verbose=False)
+    code, _, err = _cli(["export", path, "--onnx", tmp_path / "m.onnx", "--batch-size", "1000000"], capsys)
+    assert code == 2 and "batch_size <= 2080" in err
+    assert not list(tmp_path.glob("m.*"))
+
+
+def test_export_that_needs_more_memory_than_available_is_refused_with_the_estimate():
+    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(100)])
+    assert weight_bytes(model) == (64 * 100 + 100) * 4
+    check_memory(model, "ONNX", available=EXPORT_MEMORY_BASE + 48 * weight_bytes(model))  # just enough
+    needed = EXPORT_MEMORY_BASE + EXPORT_MEMORY_FACTOR["ONNX"] * weight_bytes(model)
+    with pytest.raises(MemoryError, match=rf"ONNX export of .* \(0 MB of weights\) needs about "
+                                          rf"{needed / 2 ** 30:.1f} GiB \(48x the weights, measured"):
+        check_memory(model, "ONNX", available=2 ** 20)
+    with pytest.raises(MemoryError, match=r"TFLite export .* needs about 0.5 GiB \(7x"):
+        check_memory(model, "TFLite", available=2 ** 20)
+
+
+def test_keras_load_errors_are_shown_whole(tmp_path, capsys):
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Lambda(lambda x: x * 2), keras.layers.Dense(3)])
+    path = tmp_path / "lambda.keras"
+    model.save(path)
+    with pytest.raises(ValueError, match=r"Keras cannot load the model: Requested the deserialization of a "
+                                         r"`Lambda` layer .*passing `safe_mode=False`"):
+        load_model(path)
+    code, _, err = _cli(["export", path, "--onnx", tmp_path / "m.onnx"], capsys)
+    assert code == 2 and "safe_mode=False" in err and len(err.strip().splitlines()) == 1
+
+
+def test_convert_check_that_fails_writes_nothing(tmp_path, capsys):
+    prototxt, _ = write_net(tmp_path, face_resnet20_prototxt("train", widths=(8, 8, 16, 16), embedding=16,
+                                                             input_hw=(28, 24), num_classes=10), name="face_train")
+    rng = np.random.default_rng(0)
+    reference = tmp_path / "ref.npz"
+    np.savez(reference, data=((rng.uniform(0, 255, (2, 3, 28, 24)) - 128) / 128).astype(np.float32),
+             fc5=np.zeros((2, 16), np.float32))  # fc5 of zeros: the check fails
+    output = tmp_path / "m.keras"
+    output.write_bytes(b"the previous model")
+    parser = argparse.ArgumentParser()
+    convert_cli.add_arguments(parser)
+    code = convert_cli.run(parser.parse_args([str(prototxt), "-o", str(output), "--input-shape", "3,28,24",
+                                              "--check", str(reference), "--quiet"]))
+    out, _ = capsys.readouterr()
+    assert code == 1
+    assert output.read_bytes() == b"the previous model"
+    assert "NOT WRITTEN" in out and "the parity check FAILED" in out and "previous file is unchanged" in out
+    assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
