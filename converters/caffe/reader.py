@@ -1,7 +1,9 @@
 """Read stage, part 2: text .prototxt and binary .caffemodel files into schema messages and NumPy blobs.
 
 ``read_prototxt`` parses with protobuf's text format, lists unknown (fork-specific) fields instead of failing,
-and upgrades V1 / legacy-input nets to the current format; ``read_caffemodel`` indexes a caffemodel lazily.
+upgrades V1 / legacy-input nets to the current format, takes the inline net out of a solver file, and decides
+which Caffe fork (dialect: "bvlc", "happynear", "sphereface") the net was written for; ``read_caffemodel``
+indexes a caffemodel lazily.
 
 Model files are data: nothing in them is executed, imported or unpickled. A caffemodel is never held in
 memory whole: the top level of the NetParameter (one length-delimited entry per layer) is split by a small
@@ -39,7 +41,13 @@ __all__ = [
     "parse_prototxt",
     "read_caffemodel",
     "blob_shape",
+    "detect_dialect",
+    "DIALECTS",
+    "field_default",
 ]
+
+DIALECTS = schema.DIALECTS
+field_default = schema.field_default
 
 #: Caffe itself refuses binary protos above INT_MAX bytes (``io.cpp`` kProtoReadBytesLimit).
 MAX_CAFFEMODEL_BYTES = 2**31 - 1
@@ -70,6 +78,15 @@ class CaffeNet:
     path: str = "<string>"
     source_format: str = "V2"  # "V2", "V1" (legacy ``layers``)
     unknown_fields: list[UnknownField] = field(default_factory=list)
+    #: the Caffe fork whose caffe.proto the file follows: one of ``DIALECTS``; ask ``field_default(net, ...)``
+    #: for a field's default in it
+    dialect: str = "bvlc"
+    #: how ``dialect`` was decided: "given" or the layer type / field that decided it
+    dialect_reason: str = "no fork-specific layer type or field: BVLC caffe.proto"
+    #: for a solver file: the solver field the net came from ("net_param", "train_net_param", ...), else None
+    solver_net_field: str | None = None
+    #: for a solver file: the ``stage`` list of each ``test_state`` (one per test net), else None
+    solver_test_stages: list[list[str]] | None = None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -162,7 +179,11 @@ def _unknown_fields(text: str, descriptor) -> list[tuple[int, str]]:
     return found
 
 
-def _layer_of(net, path: str) -> str | None:
+def _layer_of(net, path: str, prefix: str = "") -> str | None:
+    if prefix:
+        if not path.startswith(prefix + "."):
+            return None
+        path = path[len(prefix) + 1:]
     match = re.match(r"(layers?)\[(\d+)\]", path)
     if match is None:
         return None
@@ -171,15 +192,170 @@ def _layer_of(net, path: str) -> str | None:
     return entries[index].name if index < len(entries) else None
 
 
-def parse_prototxt(text: str, path: str = "<string>") -> CaffeNet:
-    """Parse prototxt ``text`` (a current or V1 net) into an upgraded ``CaffeNet``.
+# ----------------------------------------------------------------------------------------------------
+# Dialect: which fork's caffe.proto a net follows
+# ----------------------------------------------------------------------------------------------------
+
+
+def _fork_fields(message, prefix: str) -> Iterator[tuple[str, frozenset]]:
+    """(dotted field path, dialects that declare it) of every fork-only field or enum value set in ``message``."""
+    owner = message.DESCRIPTOR.name
+    for fdesc, value in message.ListFields():
+        if fdesc.name == "blobs":
+            continue
+        where = f"{prefix}{fdesc.name}"
+        dialects = schema.FIELD_DIALECTS.get((owner, fdesc.name))
+        if dialects is not None:
+            yield where, dialects
+        values = list(value) if _is_repeated(fdesc) else [value]
+        if fdesc.message_type is not None:
+            for item in values:
+                yield from _fork_fields(item, where + ".")
+        elif fdesc.enum_type is not None:
+            for item in values:
+                dialects = schema.ENUM_VALUE_DIALECTS.get((owner, fdesc.name, item))
+                if dialects is not None:
+                    yield f"{where}: {fdesc.enum_type.values_by_number[item].name}", dialects
+
+
+def detect_dialect(net, unknown_fields: list[UnknownField] | tuple = ()) -> tuple[str, str]:
+    """(dialect, reason): the fork whose caffe.proto a current-format ``NetParameter`` follows, from the layer
+    types and fields only some forks have (``schema.LAYER_TYPE_DIALECTS``, ``FIELD_DIALECTS``).
+
+    happynear-only types or fields (Flip, Normalize, ChannelScale, ``inner_product_param.normalize``,
+    ``scale_param.min_value``...) mean "happynear"; MarginInnerProduct without them means "sphereface"
+    (happynear has that layer too, at another field number); nothing fork-specific means "bvlc".
+    """
+    ssd_normalize = {u.layer for u in unknown_fields if u.path.endswith(".norm_param")}
+    clues: list[tuple[str, frozenset]] = []
+    for layer in net.layer:
+        dialects = schema.LAYER_TYPE_DIALECTS.get(layer.type)
+        if dialects is not None and not (layer.type == "Normalize" and layer.name in ssd_normalize):
+            clues.append((f"layer '{layer.name}' is a {layer.type} layer", dialects))
+        clues.extend((f"layer '{layer.name}' sets {where}", dialects) for where, dialects in _fork_fields(layer, ""))
+    if not clues:
+        return "bvlc", "no fork-specific layer type or field: BVLC caffe.proto"
+    candidates = set(DIALECTS)
+    for _, dialects in clues:
+        candidates &= dialects
+    if candidates:
+        dialect = next(d for d in ("happynear", "sphereface", "bvlc") if d in candidates)
+        if candidates == {"happynear", "sphereface"}:
+            dialect = "sphereface"
+        first = min((clue for clue in clues if dialect in clue[1]), key=lambda clue: len(clue[1]))[0]
+        more = f" (and {len(clues) - 1} more)" if len(clues) > 1 else ""
+        if dialect == "sphereface":
+            return dialect, (f"{first}{more}, and nothing happynear-only: SphereFace's fork "
+                             "(happynear numbers margin_inner_product_param 232, SphereFace 147)")
+        return dialect, f"{first}{more}: {schema.DIALECT_SOURCES[dialect]}"
+    votes = Counter(d for _, dialects in clues for d in dialects)
+    preference = ("happynear", "sphereface", "bvlc")  # on a tie, the fork: its layers need its runtime
+    dialect = max(preference, key=lambda d: (votes[d], -preference.index(d)))
+    against = next(where for where, dialects in clues if dialect not in dialects)
+    first = next(where for where, dialects in clues if dialect in dialects)
+    return dialect, (f"conflicting clues: {first} ({votes[dialect]} of {len(clues)} clues) but {against}; "
+                     f"chose {dialect}; pass dialect= to choose another")
+
+
+def _resolve_dialect(net, unknown: list[UnknownField], dialect: str | None) -> tuple[str, str]:
+    if dialect is not None:
+        return schema.check_dialect(dialect), "given"
+    return detect_dialect(net, unknown)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Solver files
+# ----------------------------------------------------------------------------------------------------
+
+_NET_FIELDS = frozenset(schema.NetParameter.DESCRIPTOR.fields_by_name)
+_SOLVER_ONLY_FIELDS = frozenset(schema.SolverParameter.DESCRIPTOR.fields_by_name) - _NET_FIELDS
+#: SolverParameter's ways of naming the train net, in the order Caffe's ``Solver::InitTrainNet`` lists them.
+_TRAIN_NET_FIELDS = ("train_net_param", "train_net", "net_param", "net")
+
+
+def _top_level_names(text: str) -> set[str]:
+    """Field names at the outermost level of a text proto (values after ':' are not names)."""
+    names, depth, previous = set(), 0, ""
+    for kind, value, _ in _tokens(text):
+        if value in ("{", "<"):
+            depth += 1
+        elif value in ("}", ">"):
+            depth = max(depth - 1, 0)
+        elif kind == "ident" and depth == 0 and previous != ":":
+            names.add(value)
+        previous = value
+    return names
+
+
+def _is_solver(text: str) -> bool:
+    names = _top_level_names(text)
+    return bool(names & _SOLVER_ONLY_FIELDS) and not names & {"layer", "layers"}
+
+
+def _parse_solver(text: str, path: str, dialect: str | None) -> CaffeNet:
+    solver = schema.SolverParameter()
+    try:
+        text_format.Parse(text, solver, allow_unknown_field=True)
+    except text_format.ParseError as error:
+        raise ConversionError(f"{path}: not a valid Caffe solver prototxt: {error}") from None
+    given = [name for name in _TRAIN_NET_FIELDS if solver.HasField(name)]
+    if len(given) > 1:
+        raise ConversionError(
+            f"{path}: this solver names its train net {len(given)} times ({', '.join(given)}); "
+            "Caffe accepts exactly one of train_net_param, train_net, net_param, net"
+        )
+    inline = [name for name in given if name.endswith("_param")]
+    if inline:
+        net_field, net = inline[0], getattr(solver, inline[0])
+    elif not given and len(solver.test_net_param) == 1 and not len(solver.test_net):
+        net_field, net = "test_net_param[0]", solver.test_net_param[0]
+    else:
+        files = [(name, getattr(solver, name)) for name in ("net", "train_net") if solver.HasField(name)]
+        files += [("test_net", name) for name in solver.test_net]
+        if files:
+            field_name, file_name = files[0]
+            raise ConversionError(
+                f"{path}: this is a Caffe solver, not a network; it names its net in a separate file "
+                f"({field_name}: {file_name!r}); convert that prototxt instead "
+                "(Caffe resolves the path from the directory it runs in)"
+            )
+        raise ConversionError(f"{path}: this is a Caffe solver that defines no net (no net_param or net)")
+    unknown = [UnknownField(line, fpath, _layer_of(net, fpath, net_field))
+               for line, fpath in _unknown_fields(text, solver.DESCRIPTOR)]
+    _refuse_v0(unknown, path)
+    upgraded = upgrade.upgrade_net(net, path)
+    chosen, reason = _resolve_dialect(upgraded, unknown, dialect)
+    return CaffeNet(net=upgraded, path=path, source_format="V1" if len(net.layers) else "V2", unknown_fields=unknown,
+                    dialect=chosen, dialect_reason=reason, solver_net_field=net_field,
+                    solver_test_stages=[list(state.stage) for state in solver.test_state])
+
+
+def _refuse_v0(unknown: list[UnknownField], path: str) -> None:
+    v0_layers = sorted({u.layer or u.path for u in unknown if re.search(r"(?:^|\.)layers\[\d+\]\.layer$", u.path)})
+    if v0_layers:
+        raise ConversionError(
+            f"{path}: this is a V0 (2013) net (layers with a nested 'layer' block, e.g. {v0_layers[0]!r}); "
+            "upgrade it with Caffe's tools/upgrade_net_proto_text first"
+        )
+
+
+def parse_prototxt(text: str, path: str = "<string>", dialect: str | None = None) -> CaffeNet:
+    """Parse prototxt ``text`` (a current or V1 net, or a solver with an inline net) into an upgraded ``CaffeNet``.
+
+    ``dialect`` is the Caffe fork the file was written for, one of ``DIALECTS``; None detects it from the
+    layer types and fields the file uses (``detect_dialect``). It decides fork-specific defaults
+    (``field_default``), e.g. BatchNorm's ``moving_average_fraction``: 0.99 in happynear, 0.999 elsewhere.
 
     Example:
     >>> net = parse_prototxt('input: "data" input_dim: 1 input_dim: 3 input_dim: 8 input_dim: 8 '
     ...                      'layer { name: "relu" type: "ReLU" bottom: "data" top: "data" foo: 1 }')
-    >>> [layer.type for layer in net.net.layer], [f.path for f in net.unknown_fields]
-    (['Input', 'ReLU'], ['layer[0].foo'])
+    >>> [layer.type for layer in net.net.layer], [f.path for f in net.unknown_fields], net.dialect
+    (['Input', 'ReLU'], ['layer[0].foo'], 'bvlc')
     """
+    if dialect is not None:
+        dialect = schema.check_dialect(dialect)
+    if _is_solver(text):
+        return _parse_solver(text, path, dialect)
     net = schema.NetParameter()
     try:
         text_format.Parse(text, net, allow_unknown_field=True)
@@ -187,22 +363,21 @@ def parse_prototxt(text: str, path: str = "<string>") -> CaffeNet:
         raise ConversionError(f"{path}: not a valid Caffe prototxt: {error}") from None
     unknown = [UnknownField(line, fpath, _layer_of(net, fpath))
                for line, fpath in _unknown_fields(text, net.DESCRIPTOR)]
-    v0_layers = sorted({u.layer or u.path for u in unknown if re.match(r"layers\[\d+\]\.layer$", u.path)})
-    if v0_layers:
-        raise ConversionError(
-            f"{path}: this is a V0 (2013) net (layers with a nested 'layer' block, e.g. {v0_layers[0]!r}); "
-            "upgrade it with Caffe's tools/upgrade_net_proto_text first"
-        )
+    _refuse_v0(unknown, path)
     source_format = "V1" if len(net.layers) else "V2"
     upgraded = upgrade.upgrade_net(net, path)
-    return CaffeNet(net=upgraded, path=path, source_format=source_format, unknown_fields=unknown)
+    chosen, reason = _resolve_dialect(upgraded, unknown, dialect)
+    return CaffeNet(net=upgraded, path=path, source_format=source_format, unknown_fields=unknown,
+                    dialect=chosen, dialect_reason=reason)
 
 
-def read_prototxt(path: str | os.PathLike) -> CaffeNet:
+def read_prototxt(path: str | os.PathLike, dialect: str | None = None) -> CaffeNet:
     """Read a text .prototxt (current ``layer`` or legacy V1 ``layers`` format) into a ``CaffeNet``.
 
     Fields of other Caffe forks are skipped and listed in ``unknown_fields``; the legacy net-level
-    ``input``/``input_dim``/``input_shape`` declarations become an ``Input`` layer, as Caffe does.
+    ``input``/``input_dim``/``input_shape`` declarations become an ``Input`` layer, as Caffe does. A solver
+    file yields its inline ``net_param`` / ``train_net_param`` (and records ``solver_test_stages``); one that
+    only names a net file is refused with that file's name. ``dialect``: see ``parse_prototxt``.
 
     Example:
     >>> import tempfile, os
@@ -231,7 +406,7 @@ def read_prototxt(path: str | os.PathLike) -> CaffeNet:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         text = data.decode("latin-1")
-    return parse_prototxt(text, path)
+    return parse_prototxt(text, path, dialect)
 
 
 def _file_size(path: str, what: str) -> int:
@@ -305,6 +480,8 @@ class CaffemodelLayer:
     offset: int
     length: int
     v1: bool
+    #: the layer message's top-level field numbers (which *_param fields the writer's fork filled in)
+    field_numbers: tuple[int, ...] = ()
 
 
 def blob_shape(blob) -> tuple[int, ...]:
@@ -353,11 +530,16 @@ class Caffemodel:
     [(2, 3)]
     """
 
-    def __init__(self, path: str, layers: list[CaffemodelLayer], size: int, source_format: str):
+    def __init__(self, path: str, layers: list[CaffemodelLayer], size: int, source_format: str,
+                 dialect: str | None = None):
         self.path = path
         self.layers = layers
         self.size = size
         self.source_format = source_format
+        if dialect is None:
+            self.dialect, self.dialect_reason = _caffemodel_dialect(layers)
+        else:
+            self.dialect, self.dialect_reason = schema.check_dialect(dialect), "given"
         self._by_name = {layer.name: layer for layer in layers}
         counts = Counter(layer.name for layer in layers)
         self.duplicate_names = sorted(name for name, count in counts.items() if count > 1)
@@ -407,6 +589,162 @@ class Caffemodel:
         """Layer ``name``'s blobs as float32 arrays in their stored shapes (Caffe layout)."""
         return [getter().astype(np.float32, copy=False).reshape(shape) for shape, getter in self._checked_blobs(name)]
 
+    def layer_parameter(self, name: str, dialect: str | None = None):
+        """Layer ``name``'s hyper-parameters as stored, as a current-format ``LayerParameter`` without its blobs
+        (use ``blobs`` for the weights).
+
+        The bytes are read with the numbering of ``dialect`` (default: this file's ``dialect``), renumbered to
+        this schema's (``schema.WIRE_RENUMBERING``) and checked field by field: a field whose wire type is
+        not the one the dialect's caffe.proto declares raises a ``ConversionError`` naming the field and the
+        dialect that numbers it differently.
+        """
+        dialect = self.dialect if dialect is None else schema.check_dialect(dialect)
+        entry = self._by_name[name]
+        with open(self.path, "rb") as handle:
+            handle.seek(entry.offset)
+            raw = handle.read(entry.length)
+        message_type = schema.V1LayerParameter if entry.v1 else schema.LayerParameter
+        context = _WireContext(self.path, name, dialect)
+        data = _renumbered(raw, message_type.DESCRIPTOR, context, chain=(), top=True)
+        try:
+            message = message_type.FromString(data)
+        except protobuf_message.DecodeError as error:
+            raise ConversionError(f"{self.path}: layer '{name}' is corrupt in the caffemodel: {error}") from None
+        return upgrade.upgrade_v1_layer(message, self.path) if entry.v1 else message
+
+
+#: LayerParameter numbers only happynear declares (bn_param 200 .. label_specific_add_param 241, mil 'MID'/'MIL').
+_HAPPYNEAR_LAYER_NUMBERS = frozenset(range(200, 242)) | {0x004D4944, 0x004D494C}
+#: V1LayerParameter numbers only happynear declares (bn_param 43 .. noise_param 51).
+_HAPPYNEAR_V1_NUMBERS = frozenset(range(43, 52))
+
+
+def _caffemodel_dialect(layers: list[CaffemodelLayer]) -> tuple[str, str]:
+    """(dialect, reason) from the *_param field numbers the layers carry: 147 in a MarginInnerProduct layer is
+    SphereFace's, 200-241 are happynear's, 147 (Swish) / 148 (Clip) elsewhere are BVLC's."""
+    for layer in layers:
+        numbers = set(layer.field_numbers)
+        if layer.v1:
+            if numbers & _HAPPYNEAR_V1_NUMBERS or layer.type in ("BN", "Normalize", "TripletLoss", "BatchNorm"):
+                return "happynear", f"V1 layer '{layer.name}' uses happynear's V1 fields or types"
+            continue
+        if 147 in numbers and layer.type == "MarginInnerProduct":
+            return "sphereface", f"layer '{layer.name}' (MarginInnerProduct) stores its parameters at field 147"
+        found = sorted(numbers & _HAPPYNEAR_LAYER_NUMBERS)
+        if found:
+            return "happynear", f"layer '{layer.name}' ({layer.type}) has field {found[0]}, a happynear *_param"
+        if numbers & {147, 148}:
+            return "bvlc", f"layer '{layer.name}' ({layer.type}) has field {min(numbers & {147, 148})} (swish/clip)"
+    return "bvlc", "no fork-specific layer parameter numbers: BVLC caffe.proto"
+
+
+_WIRE_NAMES = {0: "varint", 1: "64-bit", 2: "length-delimited", 5: "32-bit"}
+_F = schema.descriptor_pb2.FieldDescriptorProto
+
+
+def _wire_types(fdesc) -> tuple[int, ...]:
+    """The wire types a field of this descriptor may arrive with (repeated scalars: also packed)."""
+    if fdesc.type in (_F.TYPE_MESSAGE, _F.TYPE_STRING, _F.TYPE_BYTES, _F.TYPE_GROUP):
+        return (_WIRE_LEN,)
+    if fdesc.type in (_F.TYPE_FLOAT, _F.TYPE_FIXED32, _F.TYPE_SFIXED32):
+        wire = _WIRE_FIXED32
+    elif fdesc.type in (_F.TYPE_DOUBLE, _F.TYPE_FIXED64, _F.TYPE_SFIXED64):
+        wire = _WIRE_FIXED64
+    else:
+        wire = _WIRE_VARINT
+    return (wire, _WIRE_LEN) if _is_repeated(fdesc) else (wire,)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+@dataclass(frozen=True)
+class _WireContext:
+    path: str
+    layer: str
+    dialect: str
+
+
+def _meaning(dialect: str, message_name: str, number: int) -> str:
+    target = schema.WIRE_RENUMBERING[dialect].get((message_name, number), number)
+    if target is None:
+        return "a training-only field"
+    fdesc = schema.message_class(message_name).DESCRIPTOR.fields_by_number.get(target)
+    if fdesc is None or dialect not in schema.FIELD_DIALECTS.get((message_name, fdesc.name), DIALECTS):
+        return "no field"
+    return fdesc.name
+
+
+def _other_meanings(chain: tuple[tuple[str, int], ...], dialect: str) -> str:
+    """Where another dialect numbers one of ``chain``'s (message, number) fields differently, in words."""
+    hints = []
+    for message_name, number in chain:
+        here = _meaning(dialect, message_name, number)
+        for other in DIALECTS:
+            there = _meaning(other, message_name, number)
+            if other != dialect and there not in (here, "no field"):
+                hints.append(f"{other}'s caffe.proto uses {message_name} field {number} for {there}; "
+                             f"read it with dialect={other!r}")
+    return "; ".join(hints)
+
+
+def _renumbered(data: bytes, descriptor, context: _WireContext, chain: tuple, top: bool = False) -> bytes:
+    """``data`` (one message of type ``descriptor`` in ``context.dialect``'s numbering) in this schema's numbering,
+    blobs left out, every known field's wire type checked."""
+    table = schema.WIRE_RENUMBERING[context.dialect]
+    handle = io.BytesIO(data)
+    out = bytearray()
+    unknown = []
+    for number, wire, offset, value in _scan_fields(handle, 0, len(data), context.path):
+        end = handle.tell() if wire == _WIRE_VARINT else offset + value
+        body = data[offset:end] if wire != _WIRE_LEN else data[offset:offset + value]
+        key = (descriptor.name, number)
+        target = table.get(key, number)
+        if target is None:
+            continue
+        fdesc = descriptor.fields_by_number.get(target)
+        if fdesc is None:
+            unknown.append(number)
+            out += _varint(number << 3 | wire) + (_varint(value) if wire == _WIRE_LEN else b"") + body
+            continue
+        if top and fdesc.name == "blobs":
+            continue
+        here = (*chain, key)
+        where = ".".join(schema.message_class(name).DESCRIPTOR.fields_by_number[table.get((name, n), n)].name
+                         for name, n in here)
+        meanings = {_meaning(other, *key) for other in DIALECTS} - {"no field"}
+        if _meaning(context.dialect, *key) == "no field" and len(meanings) > 1:
+            raise ConversionError(
+                f"{context.path}: layer '{context.layer}': field {number} of {descriptor.name} is not in "
+                f"{context.dialect}'s caffe.proto, and other forks disagree on what it is; "
+                f"{_other_meanings(here, context.dialect)}"
+            )
+        if wire not in _wire_types(fdesc):
+            hint = _other_meanings(here, context.dialect) or (
+                "the file may come from a Caffe fork this converter does not know, or be corrupt")
+            raise ConversionError(
+                f"{context.path}: layer '{context.layer}': {where} (field {number}) arrives with wire type {wire} "
+                f"({_WIRE_NAMES.get(wire, '?')}), but {context.dialect}'s caffe.proto declares "
+                f"{descriptor.name}.{fdesc.name} with wire type {_wire_types(fdesc)[0]}; {hint}"
+            )
+        if fdesc.type == _F.TYPE_MESSAGE:
+            body = _renumbered(body, fdesc.message_type, context, here)
+            out += _varint(target << 3 | wire) + _varint(len(body)) + body
+        else:
+            out += _varint(target << 3 | wire) + (_varint(value) if wire == _WIRE_LEN else b"") + body
+    if unknown and chain and _other_meanings(chain, context.dialect):
+        raise ConversionError(
+            f"{context.path}: layer '{context.layer}': {descriptor.name} holds fields {sorted(set(unknown))} that "
+            f"{context.dialect}'s caffe.proto does not declare; {_other_meanings(chain, context.dialect)}"
+        )
+    return bytes(out)
+
 
 def _looks_like_text(head: bytes) -> bool:
     if not head:
@@ -415,11 +753,16 @@ def _looks_like_text(head: bytes) -> bool:
     return printable / len(head) > 0.95
 
 
-def read_caffemodel(path: str | os.PathLike) -> Caffemodel:
+def read_caffemodel(path: str | os.PathLike, dialect: str | None = None) -> Caffemodel:
     """Index a binary .caffemodel (current ``layer`` or V1 ``layers`` format) without loading its weights.
 
-    Raises ``ConversionError`` for a missing, oversized, truncated or foreign file.
+    ``dialect`` (one of ``DIALECTS``) is the fork that wrote it; None detects it from the *_param field numbers
+    the layers carry. It matters only for ``Caffemodel.layer_parameter``: weights are read by name, type and
+    blobs, which every fork numbers alike. Raises ``ConversionError`` for a missing, oversized, truncated or
+    foreign file.
     """
+    if dialect is not None:
+        dialect = schema.check_dialect(dialect)
     path = os.fspath(path)
     size = _file_size(path, "caffemodel")
     if size > MAX_CAFFEMODEL_BYTES:
@@ -452,13 +795,15 @@ def read_caffemodel(path: str | os.PathLike) -> Caffemodel:
         raise ConversionError(
             f"{path}: the caffemodel mixes current 'layer' and V1 'layers' entries, which Caffe refuses"
         )
-    return Caffemodel(path, layers, size, "V1" if kinds == {2} else "V2")
+    return Caffemodel(path, layers, size, "V1" if kinds == {2} else "V2", dialect)
 
 
 def _index_layer(handle, offset: int, length: int, v1: bool, path: str) -> CaffemodelLayer:
     name_field, type_field = (4, 5) if v1 else (1, 2)
     name, layer_type = None, ""
+    numbers = set()
     for number, wire, value_offset, value in _scan_fields(handle, offset, offset + length, path):
+        numbers.add(number)
         if v1 and number == 1 and wire == _WIRE_LEN:
             raise ConversionError(
                 f"{path}: this is a V0 (2013) caffemodel; upgrade it with Caffe's tools/upgrade_net_proto_binary first"
@@ -478,4 +823,5 @@ def _index_layer(handle, offset: int, length: int, v1: bool, path: str) -> Caffe
                 handle.seek(position)
     if name is None:
         raise ConversionError(f"{path}: not a Caffe caffemodel (a layer at byte {offset} has no name)")
-    return CaffemodelLayer(name=name, type=layer_type, offset=offset, length=length, v1=v1)
+    return CaffemodelLayer(name=name, type=layer_type, offset=offset, length=length, v1=v1,
+                           field_numbers=tuple(sorted(numbers)))

@@ -13,14 +13,26 @@ each refuse or warn on code from a much older or newer gencode), so a checked-in
 runtime the package can use; descriptors built here work with every runtime the package allows
 (protobuf >= 4.25), need no protoc, and the schema stays one readable table in this file.
 
-Field numbers that differ between those caffe.proto files:
+Dialects. The three caffe.proto files disagree in a few places; ``DIALECTS`` names them and the tables below
+say where (``FIELD_DIALECTS``: fields only some forks declare; ``DIALECT_DEFAULTS``: defaults that differ;
+``WIRE_RENUMBERING``: binary field numbers that mean another field in a fork). ``field_default`` answers
+"this field's default for this net". The reader picks a net's dialect (``CaffeNet.dialect``).
 
 - ``margin_inner_product_param`` is 232 (happynear) here; SphereFace's fork uses 147, which BVLC uses for
-  ``swish_param``. Text prototxts name fields, so both parse; layer hyper-parameters are never read from
-  a binary caffemodel (the caffemodel is read through the ``LayerBlobs`` view below: name, type, blobs),
-  so the collision never matters.
-- ``PoolingParameter`` field 13 is BVLC ``round_mode``; OpenCV's ``ceil_mode`` (also 13 there) is declared
-  at 1013, a text-only alias for the same reason.
+  ``swish_param``. Text prototxts name fields, so both parse; a binary caffemodel's weights are read through
+  the ``LayerBlobs`` view (name, type, blobs), which never looks at 147; its hyper-parameters, when asked
+  for (``Caffemodel.layer_parameter``), are renumbered per dialect and checked field by field.
+- ``PoolingParameter`` field 13 is BVLC ``round_mode`` and happynear's ``blobs_lr`` (a float, training
+  only); OpenCV's ``ceil_mode`` (also 13 there) is declared at 1013, a text-only alias.
+- ``BatchNormParameter.moving_average_fraction`` defaults to 0.999 in BVLC and SphereFace, 0.99 in happynear.
+
+Sources read (field numbers and defaults below are theirs; nothing is guessed):
+
+| dialect | repository, file | commit |
+| --- | --- | --- |
+| bvlc | BVLC/caffe ``src/caffe/proto/caffe.proto`` | 9b891540 (caffe_format.md); SolverParameter also 8a65ae31 |
+| happynear | happynear/caffe-windows ``src/caffe/proto/caffe.proto`` (ms era, up to field 241) | 26628614 |
+| sphereface | wy1iu/sphereface ``tools/caffe-sphereface/src/caffe/proto/caffe.proto`` | 966c44c9 |
 
 Messages live in a private ``DescriptorPool`` (package ``keras_margin.caffe``), so they never clash with
 another ``caffe_pb2`` loaded in the same process.
@@ -37,8 +49,11 @@ True
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+from converters.caffe.errors import ConversionError
 
 __all__ = [
     "PACKAGE",
@@ -55,6 +70,17 @@ __all__ = [
     "LayerBlobs",
     "V1LayerBlobs",
     "V1_LAYER_TYPES",
+    "SolverParameter",
+    "DIALECTS",
+    "DIALECT_SOURCES",
+    "DIALECT_DEFAULTS",
+    "FIELD_DIALECTS",
+    "ENUM_VALUE_DIALECTS",
+    "LAYER_TYPE_DIALECTS",
+    "WIRE_RENUMBERING",
+    "check_dialect",
+    "field_default",
+    "param_value",
 ]
 
 PACKAGE = "keras_margin.caffe"
@@ -67,6 +93,7 @@ _ENUMS: dict[str, str] = {
     "FillerParameter.VarianceNorm": "FAN_IN=0 FAN_OUT=1 AVERAGE=2",
     "LossParameter.NormalizationMode": "FULL=0 VALID=1 BATCH_SIZE=2 NONE=3",
     "ConvolutionParameter.Engine": "DEFAULT=0 CAFFE=1 CUDNN=2",
+    "ConvolutionParameter.CuDNNConvolutionAlgorithmSeeker": "GET=0 FINDEX=1",  # happynear
     "DataParameter.DB": "LEVELDB=0 LMDB=1",
     "EltwiseParameter.EltwiseOp": "PROD=0 SUM=1 MAX=2 SORT=3",  # SORT: happynear
     "HingeLossParameter.Norm": "L1=1 L2=2",
@@ -83,6 +110,11 @@ _ENUMS: dict[str, str] = {
     "TanHParameter.Engine": "DEFAULT=0 CAFFE=1 CUDNN=2",
     "BatchNormParameter.Engine": "DEFAULT=0 CAFFE=1 CUDNN=2",
     "MarginInnerProductParameter.MarginType": "SINGLE=0 DOUBLE=1 TRIPLE=2 QUADRUPLE=3",
+    "LargeMarginInnerProductParameter.LargeMarginType": "SINGLE=0 DOUBLE=1 TRIPLE=2 QUADRUPLE=3",  # happynear
+    "LabelSpecificMarginParameter.MarginType": "HARD=0 SOFT=1",  # happynear
+    "SolverParameter.SnapshotFormat": "HDF5=0 BINARYPROTO=1",
+    "SolverParameter.SolverMode": "CPU=0 GPU=1",
+    "SolverParameter.SolverType": "SGD=0 NESTEROV=1 ADAGRAD=2 RMSPROP=3 ADADELTA=4 ADAM=5",
     "V1LayerParameter.DimCheckMode": "STRICT=0 PERMISSIVE=1",
     # BVLC UpgradeV1LayerType table, plus happynear's additions 41-48.
     "V1LayerParameter.LayerType": (
@@ -210,10 +242,20 @@ _MESSAGES: dict[str, str] = {
         optional TanHParameter tanh_param = 127
         optional ThresholdParameter threshold_param = 128
         optional TileParameter tile_param = 138
+        optional CenterLossParameter center_loss_param = 211
         optional FlipParameter flip_param = 212
+        optional InnerDistanceParameter inner_distance_param = 213
         optional NormalizeParameter normalize_param = 214
+        optional GeneralContrastiveParameter general_contrastive_loss_param = 215
+        optional SoftContrastiveParameter soft_contrastive_loss_param = 216
+        optional GeneralTripletParameter general_triplet_loss_param = 217
+        optional LargeMarginInnerProductParameter largemargin_inner_product_param = 227
+        optional LabelSpecificRescaleParameter label_specific_rescale_param = 228
         optional MarginInnerProductParameter margin_inner_product_param = 232
+        optional LabelSpecificMarginParameter label_specific_margin_param = 236
         optional ChannelScaleParameter channel_scale_param = 237
+        optional LabelSpecificAffineParameter label_specific_affine_param = 238
+        optional LabelSpecificHardMarginParameter label_specific_hard_margin_param = 239
         optional LabelSpecificAddParameter label_specific_add_param = 241
     """,
     "TransformationParameter": """
@@ -226,6 +268,12 @@ _MESSAGES: dict[str, str] = {
         optional bool force_gray = 7 [default=false]
         optional uint32 crop_h = 8 [default=0]
         optional uint32 crop_w = 9 [default=0]
+        optional bool center_crop = 10 [default=false]
+        optional float erase_ratio = 11 [default=0]
+        optional float scale_min = 12 [default=0.02]
+        optional float scale_max = 13 [default=0.4]
+        optional float aspect_min = 14 [default=0.33]
+        optional float aspect_max = 15 [default=3]
     """,
     "LossParameter": """
         optional int32 ignore_label = 1
@@ -236,6 +284,7 @@ _MESSAGES: dict[str, str] = {
         optional uint32 top_k = 1 [default=1]
         optional int32 axis = 2 [default=1]
         optional int32 ignore_label = 3
+        optional bool min_is_better = 4 [default=false]
     """,
     "ArgMaxParameter": """
         optional bool out_max_val = 1 [default=false]
@@ -273,6 +322,8 @@ _MESSAGES: dict[str, str] = {
         optional Engine engine = 15 [default=DEFAULT]
         optional int32 axis = 16 [default=1]
         optional bool force_nd_im2col = 17 [default=false]
+        optional CuDNNConvolutionAlgorithmSeeker cudnn_convolution_algo_seeker = 19 [default=FINDEX]
+        repeated uint32 shape_offset = 20
     """,
     "CropParameter": """
         optional int32 axis = 1 [default=2]
@@ -337,6 +388,19 @@ _MESSAGES: dict[str, str] = {
         optional uint32 crop_size = 5 [default=0]
         optional bool mirror = 6 [default=false]
         optional string root_folder = 12 [default=]
+        optional bool face_transform = 13 [default=false]
+        optional float max_shear_ratio = 14 [default=0]
+        optional float max_aspect_ratio = 15 [default=0]
+        optional float max_rotate_angle = 16 [default=0]
+        optional float min_random_scale = 17 [default=1]
+        optional float max_random_scale = 18 [default=1]
+        optional uint32 max_random_shift = 19 [default=0]
+        optional bool face_mirror = 20 [default=false]
+        optional uint32 face_point_num = 21 [default=0]
+        optional bool balance_class = 22 [default=false]
+        optional uint32 balance_by = 23 [default=0]
+        optional uint32 label_cut_start = 24 [default=0]
+        optional uint32 label_cut_end = 25 [default=0]
     """,
     "InfogainLossParameter": """
         optional string source = 1
@@ -370,13 +434,17 @@ _MESSAGES: dict[str, str] = {
         optional uint32 channels = 2
         optional uint32 height = 3
         optional uint32 width = 4
+        optional bool transpose = 5 [default=false]
     """,
     "MVNParameter": """
         optional bool normalize_variance = 1 [default=true]
         optional bool across_channels = 2 [default=false]
         optional float eps = 3 [default=1e-9]
     """,
-    "ParameterParameter": "optional BlobShape shape = 1",
+    "ParameterParameter": """
+        optional BlobShape shape = 1
+        optional FillerParameter blob_filler = 2
+    """,
     "PoolingParameter": """
         optional PoolMethod pool = 1 [default=MAX]
         optional uint32 pad = 4 [default=0]
@@ -391,6 +459,7 @@ _MESSAGES: dict[str, str] = {
         optional Engine engine = 11 [default=DEFAULT]
         optional bool global_pooling = 12 [default=false]
         optional RoundMode round_mode = 13 [default=CEIL]
+        optional float blobs_a_min = 14 [default=0.0001]
         optional bool ceil_mode = 1013 [default=true]
     """,
     "PowerParameter": """
@@ -440,6 +509,12 @@ _MESSAGES: dict[str, str] = {
     "SoftmaxParameter": """
         optional Engine engine = 1 [default=DEFAULT]
         optional int32 axis = 2 [default=1]
+        optional float hard_ratio = 3 [default=1]
+        repeated float class_weight = 4
+        optional int32 hard_mining_label = 5
+        optional float cutting_point = 6
+        optional string normalize_type = 7 [default=Softmax]
+        optional float label_smooth_factor = 8 [default=0]
     """,
     "SliceParameter": """
         optional int32 axis = 3 [default=1]
@@ -502,6 +577,157 @@ _MESSAGES: dict[str, str] = {
         optional float max_global_scale = 5 [default=1000.0]
         optional float min_global_scale = 6 [default=0.0]
         optional float init_global_scale = 7 [default=1.0]
+    """,
+    # happynear/caffe-windows (commit 26628614, the ms-era caffe.proto with label_specific_add_param = 241).
+    "InnerDistanceParameter": """
+        optional uint32 num_output = 1
+        optional bool bias_term = 2 [default=true]
+        optional FillerParameter weight_filler = 3
+        optional FillerParameter bias_filler = 4
+        optional int32 axis = 5 [default=1]
+        optional bool transpose = 6 [default=false]
+        optional string distance_type = 7 [default=L2]
+        optional bool normalize = 8 [default=false]
+        optional bool update_center_only = 9 [default=false]
+    """,
+    "GeneralContrastiveParameter": """
+        optional float positive_margin = 1 [default=0.0]
+        optional float negative_margin = 2 [default=1.0]
+        optional float positive_weight = 3 [default=1.0]
+        optional float negative_weight = 4 [default=1.0]
+        optional float normalize_negative = 5 [default=0.0]
+        optional float positive_outlier_thresh = 6 [default=4.0]
+        optional bool square = 7 [default=false]
+        optional bool max_negative_only = 8 [default=false]
+        optional bool max_positive_only = 9 [default=false]
+        optional bool positive_first = 10 [default=false]
+        optional float positive_upper_bound = 11 [default=1.0]
+        optional bool exp_negative_weight = 12 [default=false]
+        optional bool add_intra_mae = 13 [default=false]
+        optional float max_negative_margin = 14 [default=1.2]
+    """,
+    "SoftContrastiveParameter": """
+        optional float positive_margin = 1 [default=1.0]
+        optional float negative_margin = 2 [default=1.0]
+        optional float positive_weight = 3 [default=1.0]
+        optional float negative_weight = 4 [default=1.0]
+        optional float exponent_scale = 5 [default=1.0]
+        optional bool square = 6 [default=false]
+    """,
+    "GeneralTripletParameter": """
+        optional float margin = 1 [default=0.2]
+        optional bool add_center_loss = 2 [default=true]
+        optional bool hardest_only = 3 [default=false]
+        optional bool positive_first = 4 [default=false]
+        optional float positive_upper_bound = 5 [default=1.0]
+        optional float positive_weight = 6 [default=1.0]
+        optional float negative_weight = 7 [default=1.0]
+    """,
+    "CenterLossParameter": """
+        optional uint32 num_output = 1
+        optional FillerParameter center_filler = 2
+        optional int32 axis = 3 [default=1]
+        optional string distance_type = 29 [default=L2]
+    """,
+    "LargeMarginInnerProductParameter": """
+        optional uint32 num_output = 1
+        optional LargeMarginType type = 2 [default=SINGLE]
+        optional FillerParameter weight_filler = 3
+        optional int32 axis = 4 [default=1]
+        optional float base = 5 [default=1]
+        optional float gamma = 6 [default=0]
+        optional float power = 7 [default=1]
+        optional int32 iteration = 8 [default=0]
+        optional float lambda_min = 9 [default=0]
+    """,
+    "LabelSpecificRescaleParameter": """
+        optional float positive_weight = 1 [default=1.0]
+        optional float negative_weight = 2 [default=1.0]
+        optional float positive_lower_bound = 3 [default=0.0]
+        optional float negative_upper_bound = 4 [default=0.0]
+        optional bool rescale_test = 5 [default=false]
+        optional bool for_ip = 6 [default=false]
+        optional float positive_weight_base = 7 [default=0.0]
+        optional float gamma = 8 [default=0.0]
+        optional float power = 9 [default=1.0]
+        optional float positive_weight_min = 10 [default=0.0]
+        optional float positive_weight_max = 11 [default=0.0]
+        optional uint32 iteration = 12 [default=0]
+        optional bool bias_fix = 13 [default=false]
+        optional bool power_on_positive = 14 [default=false]
+    """,
+    "LabelSpecificMarginParameter": """
+        optional MarginType type = 9 [default=HARD]
+        optional float margin_base = 1 [default=0.0]
+        optional float margin_max = 2 [default=10.0]
+        optional float power = 3 [default=1.0]
+        optional float gamma = 4 [default=1.0]
+        optional int32 iteration = 5 [default=0]
+        optional bool reset_margin = 6 [default=false]
+        optional bool margin_on_test = 7 [default=false]
+        optional bool auto_tune = 8 [default=false]
+    """,
+    "LabelSpecificAffineParameter": """
+        optional float scale_base = 1 [default=1.0]
+        optional float scale_gamma = 2 [default=0.0]
+        optional float scale_power = 3 [default=1.0]
+        optional float scale_max = 4 [default=1.0]
+        optional bool transform_test = 5 [default=false]
+        optional uint32 iteration = 6 [default=0]
+        optional float bias_base = 7 [default=0.0]
+        optional float bias_gamma = 8 [default=0.0]
+        optional float bias_power = 9 [default=1.0]
+        optional float bias_max = 10 [default=0.0]
+        optional float power_base = 11 [default=1.0]
+        optional float power_gamma = 12 [default=0.0]
+        optional float power_power = 13 [default=-1.0]
+        optional float power_min = 14 [default=0.5]
+        optional bool auto_tune = 15 [default=false]
+        optional bool reset = 16 [default=false]
+    """,
+    "LabelSpecificHardMarginParameter": "optional float positive_weight = 1 [default=0.5]",
+    # A solver file (BVLC SolverParameter; happynear's and SphereFace's are the same for these numbers).
+    "SolverParameter": """
+        optional string net = 24
+        optional NetParameter net_param = 25
+        optional string train_net = 1
+        repeated string test_net = 2
+        optional NetParameter train_net_param = 21
+        repeated NetParameter test_net_param = 22
+        optional NetState train_state = 26
+        repeated NetState test_state = 27
+        repeated int32 test_iter = 3
+        optional int32 test_interval = 4 [default=0]
+        optional bool test_compute_loss = 19 [default=false]
+        optional bool test_initialization = 32 [default=true]
+        optional float base_lr = 5
+        optional int32 display = 6
+        optional int32 average_loss = 33 [default=1]
+        optional int32 max_iter = 7
+        optional int32 iter_size = 36 [default=1]
+        optional string lr_policy = 8
+        optional float gamma = 9
+        optional float power = 10
+        optional float momentum = 11
+        optional float weight_decay = 12
+        optional string regularization_type = 29 [default=L2]
+        optional int32 stepsize = 13
+        repeated int32 stepvalue = 34
+        optional float clip_gradients = 35 [default=-1]
+        optional int32 snapshot = 14 [default=0]
+        optional string snapshot_prefix = 15
+        optional bool snapshot_diff = 16 [default=false]
+        optional SnapshotFormat snapshot_format = 37 [default=BINARYPROTO]
+        optional SolverMode solver_mode = 17 [default=GPU]
+        optional int32 device_id = 18 [default=0]
+        optional int64 random_seed = 20 [default=-1]
+        optional string type = 40 [default=SGD]
+        optional float delta = 31 [default=1e-8]
+        optional float momentum2 = 39 [default=0.999]
+        optional float rms_decay = 38
+        optional bool debug_info = 23 [default=false]
+        optional bool snapshot_after_train = 28 [default=true]
+        optional SolverType solver_type = 30 [default=SGD]
     """,
     "V1LayerParameter": """
         repeated string bottom = 2
@@ -633,6 +859,7 @@ ParamSpec = message_class("ParamSpec")
 FillerParameter = message_class("FillerParameter")
 LayerBlobs = message_class("LayerBlobs")
 V1LayerBlobs = message_class("V1LayerBlobs")
+SolverParameter = message_class("SolverParameter")
 
 #: V1 ``LayerType`` enum number -> V2 type string (BVLC ``UpgradeV1LayerType``; happynear's 41-48 mapped
 #: to the V2 types they correspond to, which BVLC's upgrader lacks).
@@ -646,3 +873,138 @@ V1_LAYER_TYPES: dict[int, str] = {
     37: "ContrastiveLoss", 38: "Exp", 39: "Deconvolution", 43: "Normalize", 45: "TripletLoss",
     47: "BatchNorm",
 }
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dialects: where the forks' caffe.proto files disagree
+# ----------------------------------------------------------------------------------------------------
+
+#: The Caffe forks this schema reconciles: BVLC (upstream), happynear/caffe-windows (AM-Softmax, NormFace),
+#: SphereFace's fork (wy1iu/sphereface tools/caffe-sphereface).
+DIALECTS: tuple[str, ...] = ("bvlc", "happynear", "sphereface")
+
+DIALECT_SOURCES: dict[str, str] = {
+    "bvlc": "BVLC/caffe src/caffe/proto/caffe.proto",
+    "happynear": "happynear/caffe-windows (branch ms) src/caffe/proto/caffe.proto",
+    "sphereface": "wy1iu/sphereface tools/caffe-sphereface/src/caffe/proto/caffe.proto",
+}
+
+#: Defaults a dialect's caffe.proto gives differently from this schema's (BVLC's): dialect ->
+#: {(message, field): default}. Only ``moving_average_fraction`` differs among the fields we declare.
+DIALECT_DEFAULTS: dict[str, dict[tuple[str, str], Any]] = {
+    "bvlc": {},
+    "happynear": {("BatchNormParameter", "moving_average_fraction"): 0.99},
+    "sphereface": {},
+}
+
+_HAPPYNEAR = frozenset({"happynear"})
+_HAPPYNEAR_LAYER_PARAMS = (
+    "center_loss_param", "flip_param", "inner_distance_param", "normalize_param", "general_contrastive_loss_param",
+    "soft_contrastive_loss_param", "general_triplet_loss_param", "largemargin_inner_product_param",
+    "label_specific_rescale_param", "label_specific_margin_param", "channel_scale_param",
+    "label_specific_affine_param", "label_specific_hard_margin_param", "label_specific_add_param",
+)
+_HAPPYNEAR_FIELDS = {
+    "InnerProductParameter": ("normalize",),
+    "ScaleParameter": ("min_value", "max_value"),
+    "BatchNormParameter": ("disable_mean", "disable_variance", "scale_filler", "bias_filler", "engine"),
+    "SoftmaxParameter": ("hard_ratio", "class_weight", "hard_mining_label", "cutting_point", "normalize_type",
+                         "label_smooth_factor"),
+    "AccuracyParameter": ("min_is_better",),
+    "ConvolutionParameter": ("cudnn_convolution_algo_seeker", "shape_offset"),
+    "ParameterParameter": ("blob_filler",),
+    "DropoutParameter": ("sqrt_scale",),
+    "FillerParameter": ("alpha",),
+    "PoolingParameter": ("blobs_a_min",),
+    "TransformationParameter": ("center_crop", "erase_ratio", "scale_min", "scale_max", "aspect_min", "aspect_max",
+                                "crop_h", "crop_w"),
+    "ImageDataParameter": ("face_transform", "max_shear_ratio", "max_aspect_ratio", "max_rotate_angle",
+                           "min_random_scale", "max_random_scale", "max_random_shift", "face_mirror",
+                           "face_point_num", "balance_class", "balance_by", "label_cut_start", "label_cut_end"),
+    "MemoryDataParameter": ("transpose",),
+}
+
+#: Fields only some dialects declare: (message, field) -> those dialects. A field absent here is in all three.
+FIELD_DIALECTS: dict[tuple[str, str], frozenset[str]] = {
+    **{("LayerParameter", name): _HAPPYNEAR for name in _HAPPYNEAR_LAYER_PARAMS},
+    **{(message, name): _HAPPYNEAR for message, names in _HAPPYNEAR_FIELDS.items() for name in names},
+    ("LayerParameter", "margin_inner_product_param"): frozenset({"happynear", "sphereface"}),
+    ("LayerParameter", "swish_param"): frozenset({"bvlc"}),
+    ("LayerParameter", "clip_param"): frozenset({"bvlc"}),
+    ("PoolingParameter", "round_mode"): frozenset({"bvlc"}),
+}
+
+#: Enum values only happynear declares: (message, field, number) -> dialects.
+ENUM_VALUE_DIALECTS: dict[tuple[str, str, int], frozenset[str]] = {
+    ("EltwiseParameter", "operation", 3): _HAPPYNEAR,  # SORT
+    **{("PoolingParameter", "pool", number): _HAPPYNEAR for number in range(3, 9)},  # DEF .. LOWRES
+}
+
+#: Layer types only some forks implement (each has its own *_param above, or is used so in the forks'
+#: published prototxts: GlobalLSEMargin in happynear/AMSoftmax prototxt/auto, no param message).
+LAYER_TYPE_DIALECTS: dict[str, frozenset[str]] = {
+    **{name: _HAPPYNEAR for name in (
+        "Flip", "Normalize", "InnerDistance", "GeneralContrastiveLoss", "SoftContrastiveLoss", "GeneralTripletLoss",
+        "LabelSpecificAdd", "LabelSpecificAffine", "LabelSpecificMargin", "LabelSpecificHardMargin",
+        "LabelSpecificRescale", "ChannelScale", "GlobalLSEMargin", "LargeMarginInnerProduct",
+    )},
+    "MarginInnerProduct": frozenset({"happynear", "sphereface"}),
+    "Swish": frozenset({"bvlc"}),
+    "Clip": frozenset({"bvlc"}),
+}
+
+#: Binary field numbers that mean something else in a dialect's file: dialect -> {(message, number there):
+#: number in this schema, or None where the field has no counterpart here and is dropped}.
+WIRE_RENUMBERING: dict[str, dict[tuple[str, int], int | None]] = {
+    "bvlc": {},
+    "happynear": {("PoolingParameter", 13): None},  # happynear's blobs_lr (float, DEF pooling's learning rate)
+    "sphereface": {("LayerParameter", 147): 232},  # margin_inner_product_param
+}
+
+
+def check_dialect(dialect: str) -> str:
+    """``dialect`` normalised (lower case), or a ``ConversionError`` naming the valid ones."""
+    name = str(dialect).strip().lower()
+    if name not in DIALECTS:
+        raise ConversionError(
+            f"unknown Caffe dialect {dialect!r}; use one of {', '.join(repr(d) for d in DIALECTS)} "
+            "(or None to detect it from the net)"
+        )
+    return name
+
+
+def _dialect_of(net_or_dialect: Any) -> str:
+    dialect = getattr(net_or_dialect, "dialect", net_or_dialect)
+    return check_dialect("bvlc" if dialect is None else dialect)
+
+
+def field_default(net_or_dialect: Any, message_name: str, field_name: str) -> Any:
+    """The default of ``message_name.field_name`` in a dialect's caffe.proto (a dialect name, or anything with a
+    ``dialect`` attribute such as a ``CaffeNet``; None means BVLC).
+
+    Example:
+    >>> field_default("happynear", "BatchNormParameter", "moving_average_fraction")
+    0.99
+    >>> round(field_default("bvlc", "BatchNormParameter", "moving_average_fraction"), 6)
+    0.999
+    """
+    dialect = _dialect_of(net_or_dialect)
+    descriptor = _POOL.FindMessageTypeByName(f"{PACKAGE}.{message_name}")
+    if field_name not in descriptor.fields_by_name:
+        raise ConversionError(f"schema: {message_name} has no field {field_name!r}")
+    overrides = DIALECT_DEFAULTS[dialect]
+    if (message_name, field_name) in overrides:
+        return overrides[message_name, field_name]
+    return descriptor.fields_by_name[field_name].default_value
+
+
+def param_value(net_or_dialect: Any, param: Any, field_name: str) -> Any:
+    """``param.field_name`` if the file sets it, else that field's default in the net's dialect.
+
+    Example:
+    >>> param_value("happynear", message_class("BatchNormParameter")(), "moving_average_fraction")
+    0.99
+    """
+    if param.HasField(field_name):
+        return getattr(param, field_name)
+    return field_default(net_or_dialect, param.DESCRIPTOR.name, field_name)
