@@ -646,4 +646,4 @@ class CaffeBatchNorm(keras.layers.Layer):
 
 # The other Caffe-rule layer modules register themselves on import: importing this module (as
 # ``keras_margin``'s custom-objects entry point does) makes every converted file loadable.
-from converters.caffe import agent_layers  # noqa: E402,F401
+from converters.caffe import agent_layers, label_layers  # noqa: E402,F401

@@ -4,6 +4,12 @@ References: OpenCV's own Caffe importer (``cv2.dnn.readNetFromCaffe``) on the pl
 caffemodel, with the fork layers it lacks registered as Python layers; or blobs dumped from real Caffe
 into an ``.npz`` (read with ``allow_pickle=False`` after checking every array's claimed size).
 
+In TRAIN the layers that read the label run their TRAIN forward on both sides, on seeded class ids (or the
+caller's ``labels=``): OpenCV through NumPy stand-ins of the fork's C++ fed the label, the model with its label
+layers in their training forward (``label_layers.training_forward``, counters untouched) and everything else
+at inference; and each fused head's margin logits, ``head([x, labels], training=True)`` (its state restored),
+are compared with the top of the last Caffe layer of its chain (a row named after that blob).
+
 Without a caffemodel, the OpenCV check runs on the net's initial weights: drawn from the prototxt fillers in
 Caffe layout (``writer.filler_blobs``), written to a temporary caffemodel, and the model converted from it,
 so both sides hold the same weights. An OpenCV failure (``cv2.error``) becomes a one-line ``ConversionError``.
@@ -11,6 +17,8 @@ so both sides hold the same weights. An OpenCV failure (``cv2.error``) becomes a
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import math
 import os
 import re
@@ -26,15 +34,20 @@ from converters.caffe import registry, schema
 from converters.caffe.builder import Conversion, convert
 from converters.caffe.errors import ConversionError
 from converters.caffe.handlers import DATA_LAYER_TYPES
+from converters.caffe.handlers.face import LABEL_FREE_SUFFIX, layer_phase
 from converters.caffe.planner import TRAINING_ONLY_TYPES, Plan, plan_net
 from converters.caffe.reader import CaffeNet, read_prototxt
 from converters.caffe.stand_ins import stand_in_type
 
 __all__ = ["BlobParity", "ParityReport", "parity_report", "opencv_reference", "load_reference_npz",
-           "opencv_prototxt", "check_reference", "initial_weights_caffemodel", "MAX_NPZ_BYTES", "FILLER_WEIGHTS"]
+           "opencv_prototxt", "check_reference", "initial_weights_caffemodel", "MAX_NPZ_BYTES", "FILLER_WEIGHTS",
+           "LOGITS_NOTE"]
 
 #: An .npz of dumped blobs larger than this is refused before it is read.
 MAX_NPZ_BYTES = 2**32
+
+#: The note of a TRAIN row comparing a fused head's margin logits (``ParityReport.logits_row``).
+LOGITS_NOTE = "head([x, labels], training=True) margin logits"
 
 #: ``ParityReport.weights`` when the check ran without a caffemodel.
 FILLER_WEIGHTS = "the converted model's own initial weights (drawn from the prototxt fillers, no caffemodel)"
@@ -84,6 +97,16 @@ class ParityReport:
             raise KeyError(f"blob {blob!r} was not compared; compared: {[row.blob for row in self.rows]}")
         return matches[-1]
 
+    def logits_row(self, blob: str) -> BlobParity:
+        """The TRAIN row of a fused head's margin logits against Caffe blob ``blob`` (the last top of the
+        head's chain, e.g. 'fc6_margin_scale'); it precedes the head's cosine row, which ``row`` returns when
+        both name one blob (SphereFace's 'fc6')."""
+        matches = [row for row in self.rows if row.blob == blob and row.note == LOGITS_NOTE]
+        if not matches:
+            raise KeyError(f"no margin-logits row for blob {blob!r}; they are compared in TRAIN, for fused heads "
+                           "whose Caffe chain reads the label")
+        return matches[-1]
+
     def summary(self) -> str:
         """Two lines: what was compared, and the verdict (the first divergent blob, or the last blob's figures)."""
         head = (f"parity vs {self.reference}: {len(self.rows)} blobs compared on a batch of {self.batch_size} "
@@ -116,7 +139,9 @@ def _compare(layer: str, blob: str, value: np.ndarray, reference: np.ndarray, at
     value = np.asarray(value, np.float64)
     reference = np.asarray(reference, np.float64)
     if value.shape != reference.shape:
-        if value.size == reference.size:
+        if reference.size == 1 and value.ndim == 1:  # a (1,) top (a bias, lambda) the model gives per sample
+            reference = np.broadcast_to(reference.reshape(()), value.shape)
+        elif value.size == reference.size:
             reference = reference.reshape(value.shape)
         else:
             return BlobParity(layer, blob, tuple(value.shape), math.inf, math.inf, 0.0, False,
@@ -227,6 +252,10 @@ def _opencv_net(plan: Plan, batch_size: int) -> tuple[str, set]:
     for layer in plan.layers:
         for blob_id, name in zip(layer.tops, layer.top_names):
             shapes_by_name.setdefault(name, plan.blob_shapes[blob_id])
+    label_tops = _label_tops(plan, shapes_by_name)
+    train_forward = _train_forward_layers(plan)
+    model_input_names = {name for layer in plan.layers if registry.lookup(layer.type).is_input
+                         for blob_id, name in zip(layer.tops, layer.top_names) if blob_id in plan.needed}
     for layer in plan.caffe_layers:
         kind = layer.type
         if kind.endswith("Loss") or kind in TRAINING_ONLY_TYPES:
@@ -237,14 +266,19 @@ def _opencv_net(plan: Plan, batch_size: int) -> tuple[str, set]:
             copy.ClearField(field_name)
         if kind in DATA_LAYER_TYPES or kind == "Input":
             tops = [top for top in layer.top if top in input_tops and top in shapes_by_name]
-            tops = tops[:1 if kind != "Input" else None]
+            if kind != "Input":  # the data, and the labels the model takes or the TRAIN label layers read
+                tops = tops[:1] + [top for top in tops[1:] if top in label_tops or top in model_input_names]
             copy.Clear()
             copy.name, copy.type = layer.name, "Input"
             for top in tops:
                 copy.top.append(top)
                 copy.input_param.shape.add().dim.extend([batch_size, *shapes_by_name[top][1:]])
             continue
-        stand_in = registry.lookup(kind).opencv_layer(layer, copy)
+        handler = registry.lookup(kind)
+        if "phase" in inspect.signature(handler.opencv_layer).parameters:  # the label layers' TRAIN forward
+            stand_in = handler.opencv_layer(layer, copy, phase="TRAIN" if layer.name in train_forward else "TEST")
+        else:
+            stand_in = handler.opencv_layer(layer, copy)
         if stand_in is not None:
             stand_ins.add(stand_in)
         for extra in copy.top[1:]:
@@ -252,6 +286,51 @@ def _opencv_net(plan: Plan, batch_size: int) -> tuple[str, set]:
             probe.bottom.append(extra)
             probe.top.append(f"__probe__{extra}")
     return text_format.MessageToString(net), stand_ins
+
+
+def _train_forward_layers(plan: Plan) -> set[str]:
+    """Names of the label layers (handlers with ``label_classes``) that run their TRAIN forward as the
+    conversion built them: a literal one that took its label bottom, a fused head's member in a TRAIN plan
+    (or whose own ``phase`` field says TRAIN)."""
+    names = set()
+    for layer in plan.layers:
+        if layer.head is not None:
+            members = {param.name: param for param in plan.caffe_layers if param.name in layer.members}
+            for param in members.values():
+                if getattr(registry.lookup(param.type), "label_classes", None) is None or len(param.bottom) < 2:
+                    continue
+                if (layer_phase(param) if param.HasField("phase") else plan.phase) == "TRAIN":
+                    names.add(param.name)
+        elif getattr(registry.lookup(layer.type), "label_classes", None) is not None and len(layer.bottoms) >= 2:
+            names.add(layer.name)
+    return names
+
+
+def _label_tops(plan: Plan, shapes_by_name: dict) -> dict[str, int | None]:
+    """{label blob name: number of classes} of the label bottoms (the second) read by layers running their
+    TRAIN forward (LabelSpecificAdd, MarginInnerProduct: handlers with ``label_classes``); the fewest classes
+    when several read one blob, None when unknown."""
+    found: dict[str, int | None] = {}
+    train_forward = _train_forward_layers(plan)
+    for param in plan.caffe_layers:
+        if param.name not in train_forward or len(param.bottom) < 2:
+            continue
+        classes_of = getattr(registry.lookup(param.type), "label_classes", None)
+        if classes_of is None:
+            continue
+        classes = classes_of(param, shapes_by_name)
+        name = param.bottom[1]
+        known = [value for value in (found.get(name), classes) if value]
+        found[name] = min(known) if known else None
+    return found
+
+
+def _shapes_by_name(plan: Plan) -> dict:
+    shapes = {}
+    for layer in plan.layers:
+        for blob_id, name in zip(layer.tops, layer.top_names):
+            shapes.setdefault(name, plan.blob_shapes[blob_id])
+    return shapes
 
 
 def opencv_reference(plan: Plan, caffemodel: str, feeds: Mapping[str, np.ndarray],
@@ -322,7 +401,8 @@ def _data_transform(layer) -> tuple[np.ndarray, float] | None:
 def parity_report(prototxt=None, caffemodel=None, reference: str = "opencv", *, phase: str = "TEST",
                   input_shape=None, stage=None, conversion: Conversion | None = None,
                   inputs: Mapping[str, np.ndarray] | None = None, batch_size: int = 2, seed: int = 0,
-                  atol: float = 1e-4, rtol: float = 1e-4) -> ParityReport:
+                  atol: float = 1e-4, rtol: float = 1e-4,
+                  labels: Mapping[str, np.ndarray] | np.ndarray | None = None) -> ParityReport:
     """Compare the converted model with a reference, blob by blob, and name the first blob that diverges.
 
     Args:
@@ -336,6 +416,10 @@ def parity_report(prototxt=None, caffemodel=None, reference: str = "opencv", *, 
         inputs: {input blob name: NCHW array} to feed; default seeded random data (raw pixels 0..255 for
             data layers with a transform, else uniform in [-1, 1]) with ``batch_size`` samples.
         atol, rtol: a blob diverges when ``max_abs > atol + rtol * max|reference|``.
+        labels: in TRAIN, the class ids fed as the label blobs the label layers read ({blob name: (batch,)
+            ids}, or one array for every label blob); default ``inputs[name]``, the .npz's blob, else seeded
+            ids. Each fused head whose chain reads them adds a row for its margin logits, named after the
+            chain's last top (e.g. 'fc6_margin_scale'), after its cosine row.
 
     Example:
     >>> import tempfile, os, numpy as np
@@ -364,7 +448,7 @@ def parity_report(prototxt=None, caffemodel=None, reference: str = "opencv", *, 
                                                         input_shape, seed=seed, stage=stage)
                 prototxt, weights = net, FILLER_WEIGHTS
             conversion = convert(prototxt, caffemodel, phase, input_shape=input_shape, stage=stage)
-        report = _parity_report(conversion, caffemodel, reference, inputs, batch_size, seed, atol, rtol)
+        report = _parity_report(conversion, caffemodel, reference, inputs, batch_size, seed, atol, rtol, labels)
     report.weights = report.weights or weights
     return report
 
@@ -401,10 +485,67 @@ def check_reference(reference: str, caffemodel=None) -> None:
         raise ConversionError(f"--check {path}: no such reference .npz file")
 
 
+def _label_values(name: str, classes: int | None, labels, inputs, npz, batch: int, seed: int) -> np.ndarray:
+    """The class ids fed as label blob ``name``: ``labels`` (a mapping by blob name, or one array), then
+    ``inputs[name]``, then the .npz's blob, else seeded ids in [0, classes)."""
+    given = None
+    if isinstance(labels, Mapping):
+        given = labels.get(name)
+    elif labels is not None:
+        given = labels
+    if given is None and inputs is not None and name in inputs:
+        given = inputs[name]
+    if given is None and npz is not None and name in npz:
+        given = npz[name]
+    if given is None:
+        rng = np.random.default_rng([seed, 1])  # its own stream: the data are drawn as in TEST
+        return rng.integers(0, classes or 2, batch).astype(np.int64)
+    values = np.asarray(given).reshape(-1)
+    if values.shape[0] != batch:
+        raise ConversionError(f"labels for '{name}': {values.shape[0]} class ids for a batch of {batch}")
+    if not np.all(np.isfinite(values)) or np.any(values < 0) or np.any(values != np.floor(values)) or \
+            (classes and np.any(values >= classes)):
+        raise ConversionError(f"labels for '{name}' must be class ids in [0, {classes}); got {values.tolist()[:8]}")
+    return values.astype(np.int64)
+
+
+def _label_member(layer, plan: Plan, train_forward: set[str]):
+    """(label blob name, last member LayerParameter) of a fused head whose Caffe chain reads the label in
+    its TRAIN forward (AMSoftmaxHead's LabelSpecificAdd, SphereFaceHead's MarginInnerProduct), else None."""
+    if layer.head is None:
+        return None
+    params = {param.name: param for param in plan.caffe_layers if param.name in layer.members}
+    label = None
+    for member in layer.members:
+        param = params.get(member)
+        if param is not None and len(param.bottom) >= 2 and param.name in train_forward:
+            label = param.bottom[1]
+            break
+    last = params.get(layer.members[-1])
+    if label is None or last is None or not len(last.top):
+        return None
+    return label, last
+
+
+def _head_logits(head, x: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """``head([x, labels], training=True)`` with the head's non-trainable state (counters, margin) restored."""
+    saved = [np.asarray(variable) for variable in head.non_trainable_weights]
+    try:
+        return np.asarray(head([x, labels.astype(np.int32)], training=True))
+    finally:
+        for variable, value in zip(head.non_trainable_weights, saved):
+            variable.assign(value)
+
+
 def _parity_report(conversion: Conversion, caffemodel, reference, inputs, batch_size, seed, atol,
-                   rtol) -> ParityReport:
+                   rtol, labels=None) -> ParityReport:
+    from converters.caffe.label_layers import training_forward
+
     plan, model = conversion.plan, conversion.model
     caffemodel_path = os.fspath(caffemodel) if caffemodel is not None else plan.caffemodel
+    train_forward = _train_forward_layers(plan)
+    train = bool(train_forward)
+    label_tops = _label_tops(plan, _shapes_by_name(plan))
 
     input_layers = [layer for layer in plan.layers if registry.lookup(layer.type).is_input]
     input_blobs = [(layer, index, blob_id, name) for layer in input_layers
@@ -423,8 +564,10 @@ def _parity_report(conversion: Conversion, caffemodel, reference, inputs, batch_
         reference_name = os.path.basename(os.fspath(reference))
 
     rng = np.random.default_rng(seed)
-    caffe_inputs, keras_feeds = {}, []
+    caffe_inputs, feeds_by_blob = {}, {}
     for layer, index, blob_id, name in input_blobs:
+        if name in label_tops:
+            continue  # class ids, fed below
         shape = plan.blob_shapes[blob_id]
         transform = _data_transform(layer) if (layer.type in DATA_LAYER_TYPES and index == 0) else None
         if inputs is not None and name in inputs:
@@ -447,7 +590,16 @@ def _parity_report(conversion: Conversion, caffemodel, reference, inputs, batch_
                 raw = rng.uniform(-1.0, 1.0, sample_shape).astype(np.float32)
                 caffe_value = raw
         caffe_inputs[name] = caffe_value.astype(np.float32)
-        keras_feeds.append(_to_keras(raw))
+        feeds_by_blob[blob_id] = _to_keras(raw)
+    batch = next(iter(caffe_inputs.values())).shape[0] if caffe_inputs else batch_size
+    label_values = {name: _label_values(name, classes, labels, inputs, npz, batch, seed)
+                    for name, classes in label_tops.items()}
+    caffe_inputs.update({name: values.astype(np.float32) for name, values in label_values.items()})
+    for layer, index, blob_id, name in input_blobs:
+        if name in label_values:
+            dtype = str(getattr(conversion.tensors[blob_id], "dtype", "float32"))
+            feeds_by_blob[blob_id] = label_values[name].astype(np.int32 if "int" in dtype else np.float32)
+    keras_feeds = [feeds_by_blob[blob_id] for _, _, blob_id, _ in input_blobs]
 
     compare = []  # (planned layer, top index, blob id, caffe blob name)
     for layer in plan.layers:
@@ -457,15 +609,33 @@ def _parity_report(conversion: Conversion, caffemodel, reference, inputs, batch_
     import keras
 
     probe = keras.Model(model.inputs, [conversion.tensors[blob_id] for _, _, blob_id, _ in compare])
-    values = probe(keras_feeds, training=False)
+    with training_forward(advance=False) if train else contextlib.nullcontext():
+        values = probe(keras_feeds, training=False)
     values = values if isinstance(values, (list, tuple)) else [values]
-    keras_values = {blob_id: _to_caffe(np.asarray(value)) for (_, _, blob_id, _), value in zip(compare, values)}
+    raw_values = {blob_id: np.asarray(value) for (_, _, blob_id, _), value in zip(compare, values)}
+    keras_values = {blob_id: _to_caffe(value) for blob_id, value in raw_values.items()}
+
+    head_logits = {}  # id(planned head layer) -> (label blob, last member LayerParameter)
+    if train:
+        for layer in plan.layers:
+            found = _label_member(layer, plan, train_forward)
+            if found is not None and found[0] in label_values and layer.bottoms[0] in raw_values \
+                    and conversion.head_layers.get(layer.head.layer) is not None:
+                head_logits[id(layer)] = found
+
+    def reference_key(layer, index, name, kind):
+        if index:
+            return f"__probe__{name}"
+        if kind == "cos_from_logits" and layer.name in train_forward:  # its TRAIN top has the margin
+            return f"__probe__{name}{LABEL_FREE_SUFFIX}"
+        return layer.attrs.get("reference", {}).get("layer", layer.name)
 
     if npz is None:
         wanted = []
         for layer, index, _, name in compare:
-            ref_layer = layer.attrs.get("reference", {}).get("layer", layer.name)
-            wanted.append(ref_layer if index == 0 else f"__probe__{name}")
+            wanted.append(reference_key(layer, index, name, layer.attrs.get("reference", {}).get("kind", "same")))
+            if index == 0 and id(layer) in head_logits:
+                wanted.append(head_logits[id(layer)][1].name)
         ref_by_layer = opencv_reference(plan, caffemodel_path, caffe_inputs, wanted)
     final_ids = plan.final_blob_ids()
 
@@ -479,32 +649,48 @@ def _parity_report(conversion: Conversion, caffemodel, reference, inputs, batch_
             ref = caffe_inputs.get(name)
         elif npz is not None:
             ref_name = spec.get("top", name)
-            if ref_name in npz and (final_ids.get(name) == blob_id or spec):
+            if kind == "cos_from_logits" and layer.name in train_forward:
+                ref = None  # Caffe's TRAIN top has the margin; the logits row compares it
+            elif ref_name in npz and (final_ids.get(name) == blob_id or spec):
                 ref = npz[ref_name]
         else:
-            key = spec.get("layer", layer.name) if index == 0 else f"__probe__{name}"
-            ref = ref_by_layer.get(key)
+            ref = ref_by_layer.get(reference_key(layer, index, name, kind))
+        if index == 0 and id(layer) in head_logits:  # before the cosine row: row(blob) finds that one
+            label_name, last = head_logits[id(layer)]
+            logits_name = last.top[0]
+            if npz is not None:
+                logits_ref = npz[logits_name] if logits_name in npz else None
+            else:
+                logits_ref = ref_by_layer.get(last.name)
+            if logits_ref is None:
+                skipped.append(f"{logits_name} ({last.name})")
+            else:
+                head = conversion.head_layers[layer.head.layer]
+                logits = _head_logits(head, raw_values[layer.bottoms[0]], label_values[label_name])
+                rows.append(_compare(last.name, logits_name, logits, logits_ref, atol, rtol, LOGITS_NOTE))
         if ref is None:
             skipped.append(f"{name} ({layer.name})")
-            continue
-        note = ""
-        if kind == "cos_from_logits":  # SphereFace's layer outputs |x| cos; the head outputs cos
-            bottom = ref_values.get(layer.bottoms[0])
-            if bottom is None:
-                skipped.append(f"{name} ({layer.name})")
-                continue
-            norms = np.linalg.norm(bottom.reshape(bottom.shape[0], -1).astype(np.float64), axis=1, keepdims=True)
-            ref = np.asarray(ref, np.float64) / norms
-            note = "head cos vs reference logits / |x|"
-        elif kind == "cosine":
-            note = f"head vs reference '{spec.get('layer')}'"
-        ref_values[blob_id] = np.asarray(ref)
-        if is_input and layer.type in DATA_LAYER_TYPES and index == 0 and _data_transform(layer) is not None:
-            note = "preprocessing"
-        elif is_input:
-            continue
-        rows.append(_compare(layer.name, name, keras_values[blob_id], ref, atol, rtol, note))
-    batch = next(iter(caffe_inputs.values())).shape[0]
+        else:
+            note = ""
+            compared = True
+            if kind == "cos_from_logits":  # SphereFace's layer outputs |x| cos; the head outputs cos
+                bottom = ref_values.get(layer.bottoms[0])
+                if bottom is None:
+                    skipped.append(f"{name} ({layer.name})")
+                    compared = False
+                else:
+                    norms = np.linalg.norm(bottom.reshape(bottom.shape[0], -1).astype(np.float64), axis=1,
+                                           keepdims=True)
+                    ref = np.asarray(ref, np.float64) / norms
+                    note = "head cos vs reference logits / |x|"
+            elif kind == "cosine":
+                note = f"head vs reference '{spec.get('layer')}'"
+            if compared:
+                ref_values[blob_id] = np.asarray(ref)
+                if is_input and layer.type in DATA_LAYER_TYPES and index == 0 and _data_transform(layer) is not None:
+                    note = "preprocessing"
+                if not is_input or note == "preprocessing":
+                    rows.append(_compare(layer.name, name, keras_values[blob_id], ref, atol, rtol, note))
     return ParityReport(reference_name, rows, atol, rtol, skipped, batch_size=batch)
 
 

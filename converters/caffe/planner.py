@@ -55,6 +55,7 @@ class PlannedLayer:
     attrs: dict = field(default_factory=dict)
     index: int = 0  # position in the (phase-filtered) prototxt
     head: Any = None  # fusion.HeadSpec of a fused head
+    phase: str = "TEST"  # the plan's phase ("TRAIN" or "TEST"); a layer's own ``phase`` field wins in handlers
 
     @property
     def in_place(self) -> bool:
@@ -317,7 +318,8 @@ def _resolve_blobs(kept, excluded_tops, dropped_tops, state) -> list[PlannedLaye
     for index, layer in enumerate(kept):
         handler = registry.lookup(layer.type)
         item = PlannedLayer(name=layer.name, type=layer.type, param=layer, bottoms=[], tops=[],
-                            top_names=list(layer.top), members=[layer.name], weight_layers=[layer.name], index=index)
+                            top_names=list(layer.top), members=[layer.name], weight_layers=[layer.name], index=index,
+                            phase="TRAIN" if state.phase == 0 else "TEST")
         used = handler.used_bottoms(item)
         bottoms = list(layer.bottom) if used is None else list(layer.bottom)[:used]
         for bottom in bottoms:

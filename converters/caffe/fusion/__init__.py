@@ -136,6 +136,7 @@ def head_layer(base, spec: HeadSpec, members: list, weight_layers: list | None =
         output_shapes=[(None, spec.num_classes)], weight_shapes=list(base.weight_shapes),
         weight_layers=list(weight_layers or [base.name]), weights_found=base.weights_found,
         members=[m.name for m in members], attrs={"reference": spec.reference}, index=base.index, head=spec,
+        phase=base.phase,
     )
 
 

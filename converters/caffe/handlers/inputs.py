@@ -5,8 +5,9 @@ from __future__ import annotations
 import keras
 
 from converters.caffe import shapes
+from converters.caffe.fusion import HEAD_TYPE
 from converters.caffe.handlers.common import MAX_BLOB_ELEMENTS
-from converters.caffe.handlers.face import FlipHandler
+from converters.caffe.handlers.face import FlipHandler, LabelSpecificAddHandler, MarginInnerProductHandler
 from converters.caffe.handlers.plumbing import ConcatHandler, _concat_axis
 from converters.caffe.planner import PlannedLayer
 from converters.caffe.registry import Built, Handler, register
@@ -94,8 +95,22 @@ def _as_tuple(value):
     return (float(value),) if isinstance(value, (int, float)) and not isinstance(value, bool) else (value,)
 
 
+def reads_labels(plan, blob_id: str) -> bool:
+    """Whether blob ``blob_id`` is read, and only read, as the label bottom (the second) of layers that take
+    class ids (LabelSpecificAdd, MarginInnerProduct in TRAIN): then its model input is int32."""
+    readers = [(layer, index) for layer in plan.layers for index, bottom in enumerate(layer.bottoms)
+               if bottom == blob_id]
+    label_handlers = (LabelSpecificAddHandler, MarginInnerProductHandler)
+    return bool(readers) and all(index == 1 and layer.type != HEAD_TYPE
+                                 and isinstance(registry_lookup(layer.type), label_handlers)
+                                 for layer, index in readers)
+
+
 def _input_tensor(ctx, layer: PlannedLayer, index: int, shape):
     name = ctx.name_for_blob(layer.top_names[index])
+    plan = getattr(ctx, "plan", None)
+    if len(shape) <= 2 and plan is not None and reads_labels(plan, layer.tops[index]):
+        return keras.Input(shape=keras_shape(shape)[1:], name=name, dtype="int32")  # class ids
     return keras.Input(shape=keras_shape(shape)[1:], name=name)
 
 
