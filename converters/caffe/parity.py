@@ -37,7 +37,7 @@ from converters.caffe.handlers import DATA_LAYER_TYPES
 from converters.caffe.handlers.face import LABEL_FREE_SUFFIX, layer_phase
 from converters.caffe.planner import TRAINING_ONLY_TYPES, Plan, plan_net
 from converters.caffe.reader import CaffeNet, read_prototxt
-from converters.caffe.stand_ins import stand_in_type
+from converters.caffe.stand_ins import NotRun, stand_in_type
 
 __all__ = ["BlobParity", "ParityReport", "parity_report", "opencv_reference", "load_reference_npz",
            "opencv_prototxt", "check_reference", "initial_weights_caffemodel", "MAX_NPZ_BYTES", "FILLER_WEIGHTS",
@@ -256,9 +256,13 @@ def _opencv_net(plan: Plan, batch_size: int) -> tuple[str, set]:
     train_forward = _train_forward_layers(plan)
     model_input_names = {name for layer in plan.layers if registry.lookup(layer.type).is_input
                          for blob_id, name in zip(layer.tops, layer.top_names) if blob_id in plan.needed}
+    not_run: set[str] = set()  # tops of layers OpenCV cannot run (stand_ins.NotRun) and of their dependants
     for layer in plan.caffe_layers:
         kind = layer.type
         if kind.endswith("Loss") or kind in TRAINING_ONLY_TYPES:
+            continue
+        if not_run.intersection(layer.bottom):
+            not_run.update(layer.top)
             continue
         copy = net.layer.add()
         copy.CopyFrom(layer)
@@ -279,6 +283,10 @@ def _opencv_net(plan: Plan, batch_size: int) -> tuple[str, set]:
             stand_in = handler.opencv_layer(layer, copy, phase="TRAIN" if layer.name in train_forward else "TEST")
         else:
             stand_in = handler.opencv_layer(layer, copy)
+        if stand_in is NotRun:
+            del net.layer[-1]
+            not_run.update(layer.top)
+            continue
         if stand_in is not None:
             stand_ins.add(stand_in)
         for extra in copy.top[1:]:
@@ -344,8 +352,9 @@ def opencv_reference(plan: Plan, caffemodel: str, feeds: Mapping[str, np.ndarray
             text, classes = _opencv_net(plan, batch)
             handle.write(text)
         _register_stand_ins(cv2, classes)
+        weights = _without_scalar_blobs(plan, caffemodel, os.path.join(tmp, "reference.caffemodel"))
         try:
-            net = cv2.dnn.readNetFromCaffe(prototxt, caffemodel)
+            net = cv2.dnn.readNetFromCaffe(prototxt, weights)
         except cv2.error as error:
             raise _opencv_error("could not import the net", error, plan, caffemodel) from None
     try:
@@ -359,6 +368,21 @@ def opencv_reference(plan: Plan, caffemodel: str, feeds: Mapping[str, np.ndarray
     except cv2.error as error:
         raise _opencv_error("failed running the net", error, plan, caffemodel) from None
     return dict(zip(wanted, (np.asarray(value) for value in outputs)))
+
+
+def _without_scalar_blobs(plan: Plan, caffemodel: str, path: str) -> str:
+    """``caffemodel``, or a copy at ``path`` with every 0-d blob stored as shape (1,): Caffe's Scale with
+    ``num_axes: 0`` (NormFace's learned s) has a 0-d blob, which OpenCV's importer cannot create."""
+    if not any(shape == () for shapes in plan.layer_weight_shapes.values() for shape in shapes):
+        return caffemodel
+    from converters.caffe.reader import read_caffemodel
+    from converters.caffe.writer import write_caffemodel
+
+    stored = read_caffemodel(caffemodel)
+    layers = [(name, "", [blob.reshape(1) if blob.ndim == 0 else blob for blob in stored.blobs(name)])
+              for name in stored.names()]
+    write_caffemodel(path, layers)
+    return path
 
 
 def _opencv_error(what: str, error: Exception, plan: Plan, caffemodel: str) -> ConversionError:
@@ -600,6 +624,12 @@ def _parity_report(conversion: Conversion, caffemodel, reference, inputs, batch_
             dtype = str(getattr(conversion.tensors[blob_id], "dtype", "float32"))
             feeds_by_blob[blob_id] = label_values[name].astype(np.int32 if "int" in dtype else np.float32)
     keras_feeds = [feeds_by_blob[blob_id] for _, _, blob_id, _ in input_blobs]
+    if len(model.inputs) > len(keras_feeds):  # inputs a head created (the labels of a label-aware head)
+        by_name = {conversion.tensors[blob_id].name: feeds_by_blob[blob_id] for _, _, blob_id, _ in input_blobs}
+        classes = min((spec.num_classes for spec in conversion.heads), default=1)
+        keras_feeds = [by_name[tensor.name] if tensor.name in by_name else
+                       np.random.default_rng(seed + 1).integers(0, classes, batch).astype(np.int32)
+                       for tensor in model.inputs]
 
     compare = []  # (planned layer, top index, blob id, caffe blob name)
     for layer in plan.layers:
@@ -685,6 +715,9 @@ def _parity_report(conversion: Conversion, caffemodel, reference, inputs, batch_
                     note = "head cos vs reference logits / |x|"
             elif kind == "cosine":
                 note = f"head vs reference '{spec.get('layer')}'"
+            elif kind == "distance_from_cosine":  # InnerDistance's squared L2 of unit vectors: D = 2 - 2 cos
+                ref = 1.0 - np.asarray(ref, np.float64) / 2.0
+                note = f"head cos vs 1 - D/2 of reference '{spec.get('layer')}'"
             if compared:
                 ref_values[blob_id] = np.asarray(ref)
                 if is_input and layer.type in DATA_LAYER_TYPES and index == 0 and _data_transform(layer) is not None:

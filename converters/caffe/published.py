@@ -36,6 +36,8 @@ class PublishedNet:
     stages: dict = field(default_factory=dict)
     #: the phases the file distinguishes (include/exclude rules or training-only layers)
     phases: tuple = ("TEST",)
+    #: where the layers OpenCV cannot run (stand_ins.NotRun) are checked against NumPy instead
+    numpy_checked: str = ""
 
     def options(self, phase: str = "TEST") -> dict:
         """Keyword arguments of ``convert`` / ``parity_report`` for ``phase``."""
@@ -76,13 +78,15 @@ PUBLISHED_NETS: dict[str, PublishedNet] = {net.file: net for net in (
     PublishedNet("happynear_AMSoftmax__prototxt__face_train_test_wo_fn.prototxt", "happynear/AMSoftmax",
                  "AM-Softmax without feature normalization (ChannelScale)", input_shape=FACE_IMAGE, phases=_BOTH),
     PublishedNet("happynear_NormFace__prototxt__combine_softmax_contrastive.prototxt", "happynear/NormFace",
-                 "normalized softmax + 0.01 C-contrastive", input_shape=_FRAGMENT, phases=_BOTH),
+                 "normalized softmax + 0.01 C-contrastive", input_shape=_FRAGMENT, phases=_BOTH,
+                 numpy_checked="tests/test_caffe_agents.py"),
     PublishedNet("happynear_NormFace__prototxt__example_of_mirror_face.prototxt", "happynear/NormFace",
                  "Light CNN deploy with the mirror face"),
     PublishedNet("happynear_NormFace__prototxt__normalized_Euclidean_contrastive.prototxt", "happynear/NormFace",
                  "C-contrastive (InnerDistance agents)", input_shape=_FRAGMENT, phases=_BOTH),
     PublishedNet("happynear_NormFace__prototxt__normalized_Euclidean_triplet.prototxt", "happynear/NormFace",
-                 "C-triplet (Parameter agents)", input_shape=_FRAGMENT, phases=_BOTH),
+                 "C-triplet (Parameter agents)", input_shape=_FRAGMENT, phases=_BOTH,
+                 numpy_checked="tests/test_caffe_agents.py"),
     PublishedNet("happynear_NormFace__prototxt__scaled_cosine_softmax.prototxt", "happynear/NormFace",
                  "normalized softmax with a learned scale", input_shape=_FRAGMENT, phases=_BOTH),
     PublishedNet("shicai_MobileNet-Caffe__mobilenet_deploy.prototxt", "shicai/MobileNet-Caffe", "MobileNet v1"),

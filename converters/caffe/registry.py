@@ -87,7 +87,8 @@ class Handler:
         """Prepare ``copy`` (Caffe ``layer`` as OpenCV's importer will read it) for the parity run.
 
         Return a ``stand_ins.StandIn`` class after ``stand_ins.python_layer(copy, ...)`` when OpenCV lacks the
-        type, else None; the default leaves the copy as it is (OpenCV runs the type natively).
+        type, ``stand_ins.NotRun`` when OpenCV cannot run it at all, else None; the default leaves the copy as it
+        is (OpenCV runs the type natively).
         """
         return None
 

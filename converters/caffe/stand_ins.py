@@ -22,7 +22,7 @@ import json
 
 import numpy as np
 
-__all__ = ["StandIn", "python_layer", "stand_in_type"]
+__all__ = ["StandIn", "NotRun", "python_layer", "stand_in_type"]
 
 class StandIn:
     """Base of the Python layers: ``self.config`` is the JSON config, ``self.blobs`` the layer's blobs."""
@@ -36,6 +36,12 @@ class StandIn:
 
     def forward(self, inputs):  # pragma: no cover - every stand-in overrides it
         raise NotImplementedError
+
+
+class NotRun:
+    """What ``opencv_layer`` returns for a layer OpenCV cannot run even with a stand-in (e.g. a batch-free
+    Parameter blob feeding a second bottom): the parity check leaves it and every layer depending on it out,
+    and lists their blobs as skipped; the tests check such layers against NumPy transcriptions instead."""
 
 
 def stand_in_type(cls: type) -> str:

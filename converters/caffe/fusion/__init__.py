@@ -159,6 +159,8 @@ def fuse(planned: list, caffemodel, plan) -> list:
             fused = pattern(layer, ctx)
             if fused is not None:
                 replaced[id(fused.members[0])] = fused.layer
+                for top, shape in zip(fused.layer.tops, fused.layer.output_shapes):
+                    plan.blob_shapes.setdefault(top, shape)  # e.g. a head that outputs its loss
                 removed.update(id(member) for member in fused.members)
                 break
     result = []

@@ -16,7 +16,7 @@ from converters.caffe.fusion.agents import AGENT_HEAD_TYPE
 from converters.caffe.handlers.common import _dense_input, _initializer, _keep_filler, _known, _normalize_rows
 from converters.caffe.registry import Built, Handler, register
 from converters.caffe.shapes import canonical_axis
-from converters.caffe.stand_ins import StandIn, python_layer
+from converters.caffe.stand_ins import NotRun, StandIn, python_layer
 
 
 class InnerDistanceStandIn(StandIn):
@@ -49,7 +49,7 @@ class InnerDistanceHandler(Handler):
     def opencv_layer(self, layer, copy):
         p = layer.inner_distance_param
         if len(layer.bottom) - int(p.update_center_only) != 1:
-            return None  # a second-bottom InnerDistance has no stand-in (its agents come from a Parameter)
+            return NotRun  # a second-bottom InnerDistance: its agents come from a batch-free Parameter
         return python_layer(copy, InnerDistanceStandIn, {"num_output": p.num_output, "normalize": p.normalize,
                                                           "distance": p.distance_type}, keep_bottoms=1)
 
@@ -125,6 +125,9 @@ class InnerDistanceHandler(Handler):
 @register("Parameter")
 class ParameterHandler(Handler):
     """Parameter: its top is its blob (shape ``parameter_param.shape``, no batch axis)."""
+
+    def opencv_layer(self, layer, copy):  # a batch-free blob as a top: OpenCV's graph has no such input
+        return NotRun
 
     def output_shapes(self, layer):
         shape = tuple(int(d) for d in layer.param.parameter_param.shape.dim)

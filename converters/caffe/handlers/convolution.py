@@ -31,7 +31,7 @@ from converters.caffe.layers import (
 )
 from converters.caffe.registry import Built, Handler, register
 from converters.caffe.shapes import canonical_axis
-from converters.caffe.stand_ins import StandIn, python_layer
+from converters.caffe.stand_ins import NotRun, StandIn, python_layer
 
 # ----------------------------------------------------------------------------------------------------
 # Convolution, pooling, inner product
@@ -239,7 +239,9 @@ class RowNormalizedInnerProductStandIn(StandIn):
 class InnerProductHandler(Handler):
     def opencv_layer(self, layer, copy):
         p = layer.inner_product_param
-        if not p.normalize or len(layer.bottom) > 1:
+        if len(layer.bottom) > 1:
+            return NotRun  # the fork's two-bottom form: its weights come from a batch-free Parameter
+        if not p.normalize:
             return None
         return python_layer(copy, RowNormalizedInnerProductStandIn,
                             {"num_output": p.num_output, "axis": p.axis, "transpose": p.transpose,
