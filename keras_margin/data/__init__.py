@@ -1,0 +1,36 @@
+"""Training data: Caffe ``ImageData`` list files and class-per-folder trees (``read_image_list``,
+``read_image_folder``), checked before training (``check``), into a ``tf.data`` pipeline with Caffe's
+transform (``image_dataset``); ``transform_from_prototxt`` reads a Caffe data layer's settings. TensorFlow is
+imported only when a dataset is built or images are decoded.
+
+Example:
+>>> from keras_margin.data import image_dataset, read_image_list                   # doctest: +SKIP
+>>> images = read_image_list("CASIA-WebFace-112X96.txt", root="CASIA-WebFace-112X96")  # doctest: +SKIP
+>>> dataset = image_dataset(images=images, image_size=(112, 96), batch_size=256)   # doctest: +SKIP
+"""
+
+from keras_margin.data.check import FITS, CheckReport, check
+from keras_margin.data.lists import (
+    IMAGE_EXTENSIONS,
+    DataError,
+    ImageList,
+    Problem,
+    read_image_folder,
+    read_image_list,
+)
+from keras_margin.data.pipeline import image_dataset
+from keras_margin.data.transform import transform_from_prototxt
+
+__all__ = [
+    "FITS",
+    "IMAGE_EXTENSIONS",
+    "CheckReport",
+    "DataError",
+    "ImageList",
+    "Problem",
+    "check",
+    "image_dataset",
+    "read_image_folder",
+    "read_image_list",
+    "transform_from_prototxt",
+]
