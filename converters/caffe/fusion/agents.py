@@ -88,14 +88,7 @@ def contrastive_options(loss, ctx: FusionContext) -> dict | None:
             refused.append(f"{name}: true")
     if len(loss.bottom) > 2:
         refused.append("a third bottom (distances replacing the first)")
-    margin = f32(p.negative_margin)
-    if not 0.0 <= margin <= 4.0:
-        refused.append(f"negative_margin {margin:g} outside [0, 4]")
-    if refused:
-        ctx.warn(f"layer '{loss.name}': GeneralContrastiveLoss with {', '.join(refused)} is not keras_margin's "
-                 "CContrastiveLoss; its InnerDistance converts literally (distances, no training objective)")
-        return None
-    return {"margin": margin}
+    return _options_unless_refused(loss, ctx, refused, "negative_margin", f32(p.negative_margin), "CContrastiveLoss")
 
 
 def triplet_options(loss, ctx: FusionContext) -> dict | None:
@@ -111,14 +104,21 @@ def triplet_options(loss, ctx: FusionContext) -> dict | None:
             refused.append(f"{name} {f32(getattr(p, name)):g}")
     if len(loss.bottom) > 2:
         refused.append("a third bottom (per-sample weights)")
-    margin = f32(p.margin)
+    options = _options_unless_refused(loss, ctx, refused, "margin", f32(p.margin), "CTripletLoss")
+    return None if options is None else {**options, "center": bool(p.add_center_loss)}
+
+
+def _options_unless_refused(loss, ctx: FusionContext, refused: list, margin_field: str, margin: float,
+                            loss_class: str) -> dict | None:
+    """{"margin": margin}, or None with a warning when the settings (``refused``, and a margin outside the
+    range of squared unit distances [0, 4]) are not what keras_margin's ``loss_class`` computes."""
     if not 0.0 <= margin <= 4.0:
-        refused.append(f"margin {margin:g} outside [0, 4]")
+        refused.append(f"{margin_field} {margin:g} outside [0, 4]")
     if refused:
-        ctx.warn(f"layer '{loss.name}': GeneralTripletLoss with {', '.join(refused)} is not keras_margin's "
-                 "CTripletLoss; its InnerDistance converts literally (distances, no training objective)")
+        ctx.warn(f"layer '{loss.name}': {loss.type} with {', '.join(refused)} is not keras_margin's {loss_class}; "
+                 "its InnerDistance converts literally (distances, no training objective)")
         return None
-    return {"margin": margin, "center": bool(p.add_center_loss)}
+    return {"margin": margin}
 
 
 def _softmax_sibling(feature: str, distance_layer, ctx: FusionContext):
