@@ -60,7 +60,7 @@ __all__ = [
 
 # Subpackages reached as attributes (``keras_margin.export.export_onnx``) are imported on first use.
 _SUBMODULES = ("callbacks", "chunked", "core", "data", "distribution", "evaluation", "export", "input_contract",
-               "margins", "sampling")
+               "margins", "models", "sampling")
 
 
 def __getattr__(name: str):

@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from converters.caffe.data import transform_from_prototxt
 from keras_margin.data import (
     DataError,
     check,
     image_dataset,
     read_image_folder,
     read_image_list,
-    transform_from_prototxt,
 )
 from tests.caffe_nets import SHARED
 

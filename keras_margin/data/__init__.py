@@ -1,6 +1,7 @@
 """Training data: Caffe ``ImageData`` list files and class-per-folder trees (``read_image_list``,
 ``read_image_folder``), checked before training (``check``), into a ``tf.data`` pipeline with Caffe's
-transform (``image_dataset``); ``transform_from_prototxt`` reads a Caffe data layer's settings. TensorFlow is
+transform (``image_dataset``); the Caffe importer's ``data.transform_from_prototxt`` reads a Caffe data layer's
+settings into its arguments. TensorFlow is
 imported only when a dataset is built or images are decoded.
 
 Example:
@@ -19,7 +20,6 @@ from keras_margin.data.lists import (
     read_image_list,
 )
 from keras_margin.data.pipeline import image_dataset
-from keras_margin.data.transform import transform_from_prototxt
 
 __all__ = [
     "FITS",
@@ -32,5 +32,4 @@ __all__ = [
     "image_dataset",
     "read_image_folder",
     "read_image_list",
-    "transform_from_prototxt",
 ]

@@ -1,4 +1,4 @@
-"""A Caffe data layer's ``transform_param`` / ``image_data_param`` as ``image_dataset`` keyword arguments.
+"""A Caffe data layer's ``transform_param`` / ``image_data_param`` as ``keras_margin.data.image_dataset`` arguments.
 
 Fields (the fork's ``caffe.proto`` and ``data_transformer.cpp`` / ``image_data_layer.cpp``):
 ``mean_value`` (one, or one per channel in BGR order) -> mean; ``scale`` -> scale; ``mirror`` -> mirror;
