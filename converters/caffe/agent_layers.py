@@ -7,12 +7,14 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from converters.caffe.fork import FORK_EPS
+
 __all__ = ["InnerDistance", "PairwiseInnerDistance", "SecondBottomInnerProduct", "UnitColumns", "ClassIds",
            "AGENT_NORM_EPS"]
 
 #: Eps of the fork's in-place agent normalisation (``InnerDistanceLayer::Forward_cpu``: ``dot + 1e-6``; its GPU
 #: code adds none) and of its Normalize layer (CPU).
-AGENT_NORM_EPS = 1e-6
+AGENT_NORM_EPS = FORK_EPS
 
 _serializable = keras.saving.register_keras_serializable(package="keras_margin_caffe")
 

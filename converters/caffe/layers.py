@@ -12,6 +12,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from converters.caffe.fork import FORK_EPS
 from converters.caffe.shapes import ave_pool_divisors, pool_output_size
 
 __all__ = [
@@ -72,7 +73,7 @@ class CaffeNormalize(keras.layers.Layer):
     False (the fork's ``bp_norm: false``) stops gradients flowing back through the norm output.
     """
 
-    def __init__(self, axis: int = -1, norm: str = "L2", epsilon: float = 1e-6, return_norm: bool = False,
+    def __init__(self, axis: int = -1, norm: str = "L2", epsilon: float = FORK_EPS, return_norm: bool = False,
                  norm_gradient: bool = True, **kwargs):
         super().__init__(**kwargs)
         if norm not in ("L1", "L2"):

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from converters.caffe.fork import FORK_EPS
 from converters.caffe.fusion import Fused, FusionContext, HeadSpec, f32, fusion_pattern, head_layer
 from converters.caffe.shapes import canonical_axis
 
 #: Eps the happynear fork normalises InnerProduct weight rows with (CPU code).
-IP_ROW_EPS = 1e-6
+IP_ROW_EPS = FORK_EPS
 
 #: The AMSoftmaxHead options the conversion summary shows.
 _AMSOFTMAX_SHOWN = ("s", "m", "margin_rule")

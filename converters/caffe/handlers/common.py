@@ -7,10 +7,11 @@ import math
 import keras
 import numpy as np
 
+from converters.caffe.fork import FORK_EPS
 from converters.caffe.planner import PlannedLayer
 
 #: Caffe's epsilon in the happynear fork's CPU weight-row normalisation (InnerProduct ``normalize: true``).
-ROW_NORM_EPS = 1e-6
+ROW_NORM_EPS = FORK_EPS
 #: Per-sample element limit for any blob: beyond it the prototxt claims an absurd size.
 MAX_BLOB_ELEMENTS = 2**31
 

@@ -6,6 +6,7 @@ import keras
 import numpy as np
 
 from converters.caffe.errors import ConversionError
+from converters.caffe.fork import FORK_EPS
 from converters.caffe.handlers.common import filler_initializer
 from converters.caffe.layers import (
     CaffeBatchNorm,
@@ -276,9 +277,9 @@ class NormalizeStandIn(StandIn):
     def forward(self, inputs):
         x = inputs[0].astype(np.float64)
         if self.config.get("type", "L2") == "L2":
-            norm = np.sqrt(np.sum(x * x, axis=1, keepdims=True) + 1e-6)
+            norm = np.sqrt(np.sum(x * x, axis=1, keepdims=True) + FORK_EPS)
         else:
-            norm = np.sum(np.abs(x), axis=1, keepdims=True) + 1e-6
+            norm = np.sum(np.abs(x), axis=1, keepdims=True) + FORK_EPS
         outputs = [(x / norm).astype(np.float32)]
         if self.config.get("norm_top"):
             outputs.append(norm.astype(np.float32))
