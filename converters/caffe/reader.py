@@ -29,6 +29,7 @@ from google.protobuf import text_format
 
 from converters.caffe import schema, upgrade
 from converters.caffe.errors import ConversionError
+from converters.caffe.writer import _varint  # the one protobuf varint encoder (re-encoding renumbered fields)
 
 __all__ = [
     "MAX_CAFFEMODEL_BYTES",
@@ -653,15 +654,6 @@ def _wire_types(fdesc) -> tuple[int, ...]:
     else:
         wire = _WIRE_VARINT
     return (wire, _WIRE_LEN) if _is_repeated(fdesc) else (wire,)
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
 
 
 @dataclass(frozen=True)
