@@ -16,7 +16,9 @@ import pytest
 import tensorflow as tf
 
 import keras_margin_cli
+from converters.caffe import ConversionError, convert, read_caffemodel
 from converters.caffe import cli as convert_cli
+from converters.caffe.reader import parse_prototxt
 from keras_margin import AMSoftmaxHead, NormFaceHead
 from keras_margin.evaluation.images import MAX_PIXELS, image_size, load_image
 from keras_margin.evaluation.pairs import PairsFileError, image_paths, parse_pairs, read_pairs
@@ -373,3 +375,257 @@ def test_convert_check_that_fails_writes_nothing(tmp_path, capsys):
     assert output.read_bytes() == b"the previous model"
     assert "NOT WRITTEN" in out and "the parity check FAILED" in out and "previous file is unchanged" in out
     assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Model files: caffemodel, prototxt, reference .npz (issues 13 and 17, the model-file part)
+
+_IMAGE_INPUT = 'input: "data" input_shape { dim: 1 dim: 3 dim: 8 dim: 8 }\n'
+
+
+def _raw_blob_caffemodel(path: Path, raw: bytes, raw_type: int | None, count: int) -> Path:
+    """A caffemodel with one layer 'sc' whose single blob stores ``raw`` as ``raw_data`` (NVIDIA Caffe's form)."""
+    from converters.caffe import schema
+
+    net = schema.NetParameter()
+    layer = net.layer.add(name="sc", type="Scale")
+    blob = layer.blobs.add()
+    blob.shape.dim.append(count)
+    blob.raw_data = raw
+    if raw_type is not None:
+        blob.raw_data_type = raw_type
+    path.write_bytes(net.SerializeToString())
+    return path
+
+
+@pytest.mark.parametrize("raw_type, dtype", [(0, "<f8"), (1, "<f4"), (2, "<f2")], ids=["DOUBLE", "FLOAT", "FLOAT16"])
+def test_raw_data_of_a_float_type_reads_exactly(tmp_path, raw_type, dtype):
+    values = np.array([0.5, -1.25, 3.0, 1024.0], dtype)
+    model = read_caffemodel(_raw_blob_caffemodel(tmp_path / "w.caffemodel", values.tobytes(), raw_type, 4))
+    np.testing.assert_array_equal(model.blobs("sc")[0], values.astype(np.float32))
+
+
+def test_raw_data_type_outside_the_enum_is_refused_naming_the_blob(tmp_path):
+    # proto2 keeps 99 among the unknown fields and the getter answers DOUBLE: 16 bytes would read as 2 doubles.
+    path = _raw_blob_caffemodel(tmp_path / "w.caffemodel", np.ones(2, "<f8").tobytes(), 1, 2)
+    data = path.read_bytes()
+    assert data.count(bytes([10 << 3, 1])) == 1
+    path.write_bytes(data.replace(bytes([10 << 3, 1]), bytes([10 << 3, 99])))
+    with pytest.raises(ConversionError, match=r"blob 0 of layer 'sc' stores raw_data of raw_data_type 99, which is "
+                                              r"not in caffe.proto's BlobProto.Type"):
+        read_caffemodel(path).blobs("sc")
+
+
+def test_raw_data_without_a_type_is_refused_naming_the_blob(tmp_path):
+    path = _raw_blob_caffemodel(tmp_path / "w.caffemodel", np.ones(2, "<f8").tobytes(), None, 2)
+    with pytest.raises(ConversionError, match=r"blob 0 of layer 'sc' stores raw_data without a raw_data_type"):
+        read_caffemodel(path).blobs("sc")
+    path = _raw_blob_caffemodel(tmp_path / "i.caffemodel", np.ones(2, "<i4").tobytes(), 3, 2)
+    with pytest.raises(ConversionError, match=r"stores raw_data of type 3 \(integer\)"):
+        read_caffemodel(path).blobs("sc")
+
+
+@pytest.mark.parametrize("layer_type, param, field, value", [
+    ("Convolution", "convolution_param", "kernel_size", 2 ** 31),
+    ("Convolution", "convolution_param", "stride", 2 ** 32 - 1),
+    ("Convolution", "convolution_param", "pad", 2 ** 31),
+    ("Convolution", "convolution_param", "dilation", 2 ** 31),
+    ("Convolution", "convolution_param", "num_output", 2 ** 31),
+    ("Convolution", "convolution_param", "group", 2 ** 32 - 1),
+    ("Pooling", "pooling_param", "kernel_size", 2 ** 31),
+    ("Pooling", "pooling_param", "stride", 2 ** 32 - 1),
+    ("Pooling", "pooling_param", "pad", 2 ** 31)])
+def test_layer_parameters_beyond_int32_name_the_layer_and_the_field(tmp_path, layer_type, param, field, value):
+    given = {"kernel_size": 2, **({"num_output": 4} if layer_type == "Convolution" else {}), field: value}
+    if layer_type == "Pooling":
+        given = {"pool": "MAX", **given}
+    body = " ".join(f"{key}: {item}" for key, item in given.items())
+    text = _IMAGE_INPUT + f'layer {{ name: "l" type: "{layer_type}" bottom: "data" top: "l" {param} {{ {body} }} }}'
+    prototxt, _ = write_net(tmp_path, text)
+    with pytest.raises(ConversionError, match=rf"^layer 'l' \({layer_type}\): {param}.{field}: {value} is beyond the "
+                                              r"int32 range Caffe computes with \(at most 2,147,483,647"):
+        convert(prototxt)
+
+
+def test_group_0_and_a_stride_past_the_input_are_named(tmp_path):
+    conv = _IMAGE_INPUT + ('layer { name: "c" type: "Convolution" bottom: "data" top: "c" '
+                           'convolution_param { num_output: 4 kernel_size: 3 group: 0 } }')
+    with pytest.raises(ConversionError, match=r"layer 'c' \(Convolution\): convolution_param.group is 0; it must be "
+                                              r">= 1"):
+        convert(write_net(tmp_path, conv, name="conv")[0])
+    pool = _IMAGE_INPUT + ('layer { name: "p" type: "Pooling" bottom: "data" top: "p" '
+                           'pooling_param { pool: MAX kernel_size: 2 stride: 2147483647 } }')
+    with pytest.raises(ConversionError, match=r"layer 'p' \(Pooling\): stride_h 2147483647 puts the last of the 2 "
+                                              r"windows along h at 2147483647, past the input's 8"):
+        convert(write_net(tmp_path, pool, name="pool")[0])
+
+
+def test_a_convolution_needs_one_top_per_bottom(tmp_path):
+    two = _IMAGE_INPUT + 'input: "d2" input_shape { dim: 1 dim: 3 dim: 8 dim: 8 }\n'
+    text = two + ('layer { name: "c" type: "Convolution" bottom: "data" bottom: "d2" top: "c" '
+                  'convolution_param { num_output: 4 kernel_size: 3 } }')
+    with pytest.raises(ConversionError, match=r"layer 'c' \(Convolution\): has 2 bottom\(s\) and 1 top\(s\); Caffe "
+                                              r"requires as many tops as bottoms .*give one top per bottom"):
+        convert(write_net(tmp_path, text, name="one_top")[0])
+    none = 'layer { name: "c" type: "Convolution" top: "c" convolution_param { num_output: 4 kernel_size: 3 } }'
+    with pytest.raises(ConversionError, match=r"layer 'c' \(Convolution\): has no bottom; a Convolution layer reads at "
+                                              r"least one blob"):
+        convert(write_net(tmp_path, none, name="no_bottom")[0])
+    relu = 'layer { name: "r" type: "ReLU" top: "r" }'
+    with pytest.raises(ConversionError, match=r"layer 'r' \(ReLU\): has no bottom; a ReLU layer reads at least one"):
+        convert(write_net(tmp_path, relu, name="relu")[0])
+
+
+def _conv_reference(x, w, b):
+    """NumPy Caffe convolution, stride 1, no pad: y[o, i, j] = b[o] + sum_{c,u,v} w[o, c, u, v] x[c, i+u, j+v]."""
+    out, _, k, _ = w.shape
+    h, width = x.shape[1] - k + 1, x.shape[2] - k + 1
+    y = np.empty((out, h, width))
+    for i in range(h):
+        for j in range(width):
+            y[:, i, j] = np.einsum("ocuv,cuv->o", w, x[:, i:i + k, j:j + k]) + b
+    return y
+
+
+def test_a_convolution_with_two_bottoms_and_two_tops_shares_its_weights(tmp_path):
+    two = _IMAGE_INPUT + 'input: "d2" input_shape { dim: 1 dim: 3 dim: 8 dim: 8 }\n'
+    text = two + ('layer { name: "c" type: "Convolution" bottom: "data" bottom: "d2" top: "c" top: "c2" '
+                  'convolution_param { num_output: 4 kernel_size: 3 } }')
+    rng = np.random.default_rng(0)
+    w, b = rng.normal(size=(4, 3, 3, 3)).astype(np.float32), rng.normal(size=4).astype(np.float32)
+    prototxt, caffemodel = write_net(tmp_path, text, {"c": [w, b]})
+    model = convert(prototxt, caffemodel).model
+    x1, x2 = rng.normal(size=(3, 8, 8)).astype(np.float32), rng.normal(size=(3, 8, 8)).astype(np.float32)
+    y1, y2 = model([x1.transpose(1, 2, 0)[None], x2.transpose(1, 2, 0)[None]])
+    np.testing.assert_allclose(np.asarray(y1)[0].transpose(2, 0, 1), _conv_reference(x1, w, b), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(y2)[0].transpose(2, 0, 1), _conv_reference(x2, w, b), rtol=1e-4, atol=1e-5)
+    assert len(model.trainable_weights) == 2  # one kernel and one bias for both tops
+
+
+def _relu_chain(count: int) -> str:
+    lines, previous = [_IMAGE_INPUT], "data"
+    for index in range(count):
+        lines.append(f'layer {{ name: "r{index}" type: "ReLU" bottom: "{previous}" top: "r{index}" }}\n')
+        previous = f"r{index}"
+    return "".join(lines)
+
+
+def test_a_chain_of_1000_layers_converts_and_says_how_to_load_it(tmp_path):
+    import sys
+
+    from converters.caffe.builder import recursion_limit_for
+
+    limit = sys.getrecursionlimit()
+    conversion = convert(write_net(tmp_path, _relu_chain(1000))[0])
+    assert sys.getrecursionlimit() == limit  # raised only while Keras builds the graph
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(conversion.model(x)), np.maximum(x, 0))
+    assert any("1,001 layers deep" in w and f"sys.setrecursionlimit({recursion_limit_for(1001)})" in w
+               for w in conversion.warnings)
+
+
+def test_a_graph_deeper_than_the_limit_is_refused_naming_it(tmp_path, monkeypatch):
+    from converters.caffe import builder
+
+    monkeypatch.setattr(builder, "MAX_GRAPH_DEPTH", 40)
+    with pytest.raises(ConversionError, match=r"the converted graph is 51 Keras layers deep, more than the 40"):
+        convert(write_net(tmp_path, _relu_chain(50))[0])
+    x = builder.keras.Input((3,))
+    y = builder.keras.layers.Add()([builder.keras.layers.ReLU()(builder.keras.layers.ReLU()(x)), x])
+    assert builder.graph_depth([y]) == 3 and builder.graph_depth([x]) == 0
+
+
+@pytest.mark.parametrize("where", ["top", "layer"])
+def test_nesting_3000_levels_deep_is_refused_naming_the_limit(where):
+    from converters.caffe.reader import MAX_PROTOTXT_NESTING
+
+    deep = "fork { " * 3000 + "}" * 3000
+    text = _IMAGE_INPUT + (deep if where == "top" else
+                           f'layer {{ name: "r" type: "ReLU" bottom: "data" top: "r" {deep} }}')
+    with pytest.raises(ConversionError, match=rf"line 2: messages nested more than {MAX_PROTOTXT_NESTING} levels deep"):
+        parse_prototxt(text)
+    # Braces inside strings and comments do not count, and 99 levels of an unknown field still parse.
+    fine = _IMAGE_INPUT + 'name: "{{{{{{" # ' + "{" * 200 + '\nlayer { name: "r" type: "ReLU" bottom: "data" top: "r" '
+    net = parse_prototxt(fine + "fork { " * 98 + "}" * 98 + "}")
+    assert [u.path for u in net.unknown_fields] == ["layer[0].fork"]
+
+
+def test_a_flood_of_unknown_fields_is_refused_naming_the_limit():
+    from converters.caffe.reader import MAX_UNKNOWN_FIELDS
+
+    text = _IMAGE_INPUT + "fork_value: 1\n" * (MAX_UNKNOWN_FIELDS + 1)
+    with pytest.raises(ConversionError, match=rf"more than {MAX_UNKNOWN_FIELDS:,} fields unknown to caffe.proto "
+                                              r"\(the first at line 2: fork_value; line 10002: fork_value\)"):
+        parse_prototxt(text)
+    net = parse_prototxt(_IMAGE_INPUT + "fork_value: 1\n" * 50)
+    assert len(net.unknown_fields) == 50
+
+
+def test_a_net_parameter_field_with_the_wrong_wire_type_says_so(tmp_path):
+    from converters.caffe.writer import _varint
+
+    prototxt, caffemodel = write_net(tmp_path, _IMAGE_INPUT + 'layer { name: "sc" type: "Scale" bottom: "data" '
+                                                              'top: "sc" }', {"sc": [np.ones(3, np.float32)]})
+    layers = caffemodel.read_bytes()
+    for number, name in [(1, "name"), (100, "layer"), (3, "input")]:
+        caffemodel.write_bytes(_varint(number << 3 | 0) + b"\x05" + layers)
+        with pytest.raises(ConversionError, match=rf"NetParameter field {number} \({name}\) has the wrong wire type 0 "
+                                                  r"\(varint\); caffe.proto declares "):
+            read_caffemodel(caffemodel)
+    caffemodel.write_bytes(_varint(55 << 3 | 0) + b"\x05" + layers)
+    with pytest.raises(ConversionError, match=r"top-level field 55 is not in caffe.proto's NetParameter"):
+        read_caffemodel(caffemodel)
+
+
+def _convert_cli(argv, capsys):
+    parser = argparse.ArgumentParser()
+    convert_cli.add_arguments(parser)
+    code = convert_cli.run(parser.parse_args([str(arg) for arg in argv]))
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    return code, out, err
+
+
+def _claiming_npz(path: Path, name: str, shape: tuple, megabytes: int) -> Path:
+    """An .npz whose member holds ``megabytes`` MiB of float32 zeros (deflate: a few kB on disk)."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+            header = np.lib.format.header_data_from_array_1_0(np.zeros(1, np.float32))
+            header["shape"] = shape
+            np.lib.format.write_array_header_1_0(member, header)
+            chunk = bytes(2 ** 20)
+            for _ in range(megabytes):
+                member.write(chunk)
+    return path
+
+
+def test_convert_check_refuses_a_reference_claiming_a_huge_size_before_loading(tmp_path, capsys):
+    from converters.caffe.cli import MAX_REFERENCE_BATCH
+
+    conv = _IMAGE_INPUT + ('layer { name: "c" type: "Convolution" bottom: "data" top: "c" '
+                           'convolution_param { num_output: 4 kernel_size: 3 } }')
+    prototxt, _ = write_net(tmp_path, conv)
+    bomb = _claiming_npz(tmp_path / "bomb.npz", "data", (64 * 2 ** 18 // 192, 3, 8, 8), 64)
+    assert bomb.stat().st_size < 2 ** 17
+    output = tmp_path / "m.keras"
+    code, _, err = _convert_cli([prototxt, "-o", output, "--check", bomb, "--quiet"], capsys)
+    limit = (3 * 8 * 8 + 4 * 6 * 6) * 8 * MAX_REFERENCE_BATCH + 2 ** 20  # every blob in float64, 1024 samples
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"the archive's members claim 67,108,992 bytes uncompressed ('data': 67,108,992), more than the {limit:,}" \
+           in err and "refusing to load it" in err
+    assert not output.exists()
+
+
+def test_convert_check_names_both_shapes_of_a_wrong_input_blob(tmp_path, capsys):
+    conv = _IMAGE_INPUT + ('layer { name: "c" type: "Convolution" bottom: "data" top: "c" '
+                           'convolution_param { num_output: 4 kernel_size: 3 } }')
+    prototxt, _ = write_net(tmp_path, conv)
+    reference = tmp_path / "ref.npz"
+    np.savez(reference, data=np.zeros((2, 3, 8, 9), np.float32), c=np.zeros((2, 4, 6, 7), np.float32))
+    output = tmp_path / "m.keras"
+    code, _, err = _convert_cli([prototxt, "-o", output, "--check", reference, "--quiet"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "input blob 'data' has shape (2, 3, 8, 9), but the net expects (N, 3, 8, 8)" in err
+    assert not output.exists()

@@ -136,9 +136,12 @@ def test_caffemodel_blob_claiming_an_absurd_shape_is_refused_before_allocation(t
 
 
 def test_prototxt_implying_absurd_sizes_is_refused_before_allocation(tmp_path):
-    huge_layer = CONV_NET.replace("num_output: 4", "num_output: 4000000000")
+    huge_layer = CONV_NET.replace("num_output: 4", "num_output: 2000000000")
     with pytest.raises(ConversionError, match=r"top 'conv1' would have shape .* refusing so absurd a blob"):
         convert(parse_prototxt(huge_layer))
+    beyond_int32 = CONV_NET.replace("num_output: 4", "num_output: 4000000000")
+    with pytest.raises(ConversionError, match=r"convolution_param.num_output: 4000000000 is beyond the int32 range"):
+        convert(parse_prototxt(beyond_int32))
     huge_weights = ('input: "data" input_dim: 1 input_dim: 3 input_dim: 8 input_dim: 8\n'
                     'layer { name: "fc" type: "InnerProduct" bottom: "data" top: "fc" '
                     'inner_product_param { num_output: 200000000 } }')

@@ -6,8 +6,10 @@ points ``convert`` (everything the conversion learned) and ``load_caffe_model`` 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
@@ -21,7 +23,8 @@ from converters.caffe.planner import Plan, PlannedLayer, plan_net
 from converters.caffe.reader import Caffemodel, CaffeNet, read_caffemodel, read_prototxt
 from converters.caffe.shapes import keras_shape
 
-__all__ = ["BuildContext", "Conversion", "build_model", "convert", "load_caffe_model"]
+__all__ = ["BuildContext", "Conversion", "build_model", "convert", "load_caffe_model", "graph_depth",
+           "recursion_limit_for", "MAX_GRAPH_DEPTH", "KERAS_DEFAULT_DEPTH"]
 
 ProgressFn = Callable[[int, int, str], None]
 
@@ -212,6 +215,56 @@ def _contract_arguments(input_contract) -> dict | None:
     return given
 
 
+#: Deepest Keras graph (layers on the longest input -> output path) ``build_model`` builds.
+MAX_GRAPH_DEPTH = 10_000
+#: Depth up to which Keras builds and loads a functional model under Python's default recursion limit (1000):
+#: ``keras.Model`` and ``keras.saving.load_model`` recurse once per layer of depth (measured: 900 ok, 990 not).
+KERAS_DEFAULT_DEPTH = 900
+
+
+def recursion_limit_for(depth: int) -> int:
+    """A recursion limit under which Keras builds / loads a functional graph ``depth`` layers deep."""
+    return max(1000, 2 * depth + 1000)
+
+
+@contextlib.contextmanager
+def _recursion_room(depth: int):
+    """Raise Python's recursion limit while Keras builds a ``depth``-deep functional graph (its graph walk recurses
+    once per layer; Python >= 3.11 keeps such pure-Python recursion off the C stack); restore it after."""
+    previous = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(previous, recursion_limit_for(depth)))
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(previous)
+
+
+def graph_depth(outputs) -> int:
+    """Layers on the longest path from an input to one of ``outputs`` (Keras tensors), found without recursion."""
+    depth: dict[int, int] = {}
+    for output in outputs:
+        stack = [(output, False)]
+        while stack:
+            tensor, expanded = stack.pop()
+            key = id(tensor)
+            if key in depth:
+                continue
+            history = getattr(tensor, "_keras_history", None)
+            node = None
+            if history is not None:
+                operation, node_index, _ = history
+                node = operation._inbound_nodes[node_index]
+            parents = list(node.input_tensors) if node is not None else []
+            if not parents:
+                depth[key] = 0
+            elif expanded:
+                depth[key] = 1 + max(depth[id(parent)] for parent in parents)
+            else:
+                stack.append((tensor, True))
+                stack.extend((parent, False) for parent in parents if id(parent) not in depth)
+    return max((depth[id(output)] for output in outputs), default=0)
+
+
 def build_model(plan: Plan, caffemodel: Caffemodel | None = None, progress: ProgressFn | None = None,
                 input_contract: Mapping | None = None) -> Conversion:
     """Build the Keras model of ``plan`` (weights from ``caffemodel`` where the plan found them).
@@ -262,8 +315,20 @@ def build_model(plan: Plan, caffemodel: Caffemodel | None = None, progress: Prog
         raise ConversionError(f"outputs {missing} were not built")
     outputs = [tensors[top] for top in plan.outputs]
     name = re.sub(r"[^A-Za-z0-9_.\-]", "_", plan.name or "caffe_model")
-    model = keras.Model(model_inputs if len(model_inputs) > 1 else model_inputs[0],
-                        outputs if len(outputs) > 1 else outputs[0], name=name)
+    depth = graph_depth(outputs)
+    if depth > MAX_GRAPH_DEPTH:
+        raise ConversionError(f"the converted graph is {depth:,} Keras layers deep, more than the {MAX_GRAPH_DEPTH:,} "
+                              "this converter builds (Keras walks a functional graph recursively, one Python frame "
+                              "per layer of depth); convert the net in parts (a net fragment: "
+                              "--input-shape BLOB=C,H,W)")
+    with _recursion_room(depth):
+        model = keras.Model(model_inputs if len(model_inputs) > 1 else model_inputs[0],
+                            outputs if len(outputs) > 1 else outputs[0], name=name)
+    if depth > KERAS_DEFAULT_DEPTH:
+        plan.warnings.append(
+            f"the Keras graph is {depth:,} layers deep: Keras rebuilds a functional model recursively, and Python's "
+            f"default recursion limit allows about {KERAS_DEFAULT_DEPTH}; before keras.saving.load_model of the "
+            f"saved .keras call sys.setrecursionlimit({recursion_limit_for(depth)})")
     model_layers = {keras_layer.name: keras_layer for keras_layer in model.layers}
     frozen_paths: list[str] = []
     for layer in plan.layers:

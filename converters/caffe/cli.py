@@ -28,7 +28,7 @@ from pathlib import Path
 
 from converters.caffe.errors import ConversionError
 
-__all__ = ["HELP", "add_arguments", "run"]
+__all__ = ["HELP", "add_arguments", "run", "check_reference_npz", "reference_byte_limit", "MAX_REFERENCE_BATCH"]
 
 HELP = "convert a Caffe .prototxt + .caffemodel into a .keras model"
 
@@ -130,6 +130,86 @@ def _output_path(args) -> str:
     return output
 
 
+#: Largest batch a reference .npz may hold: with every blob of the net in float64, it bounds the uncompressed size
+#: of the archive (a small archive can claim gigabytes), checked from the zip directory before anything is read.
+MAX_REFERENCE_BATCH = 1024
+
+
+def _npz_headers(path: str) -> list[tuple[str, tuple, int]]:
+    """(member name without .npy, array shape, uncompressed bytes the zip directory claims) of each member,
+    from the zip directory and the .npy headers only."""
+    import zipfile
+
+    import numpy as np
+
+    found = []
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+                shape: tuple = ()
+                if info.filename.endswith(".npy"):
+                    with archive.open(info) as member:
+                        version = np.lib.format.read_magic(member)
+                        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                else np.lib.format.read_array_header_2_0)
+                        shape = tuple(read(member)[0])
+                found.append((name, shape, info.file_size))
+    except zipfile.BadZipFile:
+        raise ConversionError(f"--check {path}: not an .npz file (np.savez writes a zip archive)") from None
+    except (ValueError, OSError) as error:
+        raise ConversionError(f"--check {path}: malformed .npy header: {error}") from None
+    return found
+
+
+def reference_byte_limit(plan) -> int:
+    """Most uncompressed bytes a reference .npz of ``plan``'s net may hold: every blob the plan infers, in
+    float64, for ``MAX_REFERENCE_BATCH`` samples, plus 1 MiB (headers, labels); ``MAX_NPZ_BYTES`` at most."""
+    import math
+
+    from converters.caffe.parity import MAX_NPZ_BYTES
+
+    per_sample = 0
+    for shape in plan.blob_shapes.values():
+        dims = list(shape[1:])
+        if any(dim is None for dim in dims):
+            return MAX_NPZ_BYTES
+        per_sample += math.prod(int(dim) for dim in dims)
+    return min(MAX_NPZ_BYTES, per_sample * 8 * MAX_REFERENCE_BATCH + 2**20)
+
+
+def check_reference_npz(path: str, plan) -> None:
+    """Refuse a reference .npz, before NumPy loads it, whose members claim more uncompressed bytes than the net's
+    blobs can fill (``reference_byte_limit``), or whose image input blob has another shape than the net's."""
+    from converters.caffe import registry
+
+    members = _npz_headers(path)
+    limit = reference_byte_limit(plan)
+    total = sum(size for _, _, size in members)
+    if total > limit:
+        largest = max(members, key=lambda member: member[2])
+        raise ConversionError(
+            f"--check {path}: the archive's members claim {total:,} bytes uncompressed ({largest[0]!r}: "
+            f"{largest[2]:,}), more than the {limit:,} that every blob of this net in float64 for a batch of "
+            f"{MAX_REFERENCE_BATCH} would take; refusing to load it"
+        )
+    shapes = {name: shape for name, shape, _ in members}
+    for layer in plan.layers:
+        if not registry.lookup(layer.type).is_input:
+            continue
+        for name, blob_id in zip(layer.top_names, layer.tops):
+            expected = tuple(plan.blob_shapes.get(blob_id, ()))
+            if name not in shapes or len(expected) != 4 or blob_id not in plan.needed:
+                continue
+            got = shapes[name]
+            if len(got) != 4 or tuple(got[1:]) != expected[1:]:
+                want = ", ".join(str(dim) for dim in expected[1:])
+                raise ConversionError(
+                    f"--check {path}: input blob '{name}' has shape {got}, but the net expects (N, {want}); "
+                    "dump the reference from a forward pass at the net's input size"
+                )
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the conversion described by ``args`` (from ``add_arguments``); return the exit code."""
     from keras_margin_cli import fail
@@ -206,6 +286,8 @@ def _run(args: argparse.Namespace) -> int:
         conversion = convert(net, caffemodel, args.phase, input_shape=input_shape, progress=progress,
                              input_contract=given or None, stage=args.stage)
         converted = time.perf_counter() - started
+        if args.check and args.check != "opencv":
+            check_reference_npz(args.check, conversion.plan)  # before anything is loaded or written
         timing = {}
 
         def check():

@@ -12,12 +12,12 @@ from typing import Any, Mapping, Sequence
 
 from converters.caffe import fusion, registry, schema
 from converters.caffe.errors import ConversionError
-from converters.caffe.reader import Caffemodel, CaffeNet, UnknownField
+from converters.caffe.reader import Caffemodel, CaffeNet, UnknownField, _is_repeated
 from converters.caffe.registry import TRAINING_ONLY_TYPES
 from converters.caffe.shapes import count
 
 __all__ = ["PlannedLayer", "Plan", "DroppedLayer", "plan_net", "MAX_PARAMETERS", "MAX_BLOB_ELEMENTS",
-           "TRAINING_ONLY_TYPES"]
+           "INT32_MAX", "TRAINING_ONLY_TYPES"]
 
 #: A caffemodel is at most 2 GiB (Caffe's read limit), i.e. at most 2**29 float32 values; a prototxt that
 #: implies more parameters than that is refused before anything is allocated.
@@ -240,6 +240,7 @@ def plan_net(net: CaffeNet, caffemodel: Caffemodel | None = None, phase: str = "
         )
 
     for layer in kept:
+        _check_int32_fields(layer)
         registry.lookup(layer.type).check_fields(layer, net.unknown_fields)
     planned = _resolve_blobs(kept, excluded_tops, dropped_tops, state)
     input_layers = [layer for layer in planned if registry.lookup(layer.type).is_input]
@@ -271,6 +272,33 @@ def plan_net(net: CaffeNet, caffemodel: Caffemodel | None = None, phase: str = "
     plan.outputs = outputs
     plan.needed = consumed | set(outputs)
     return plan
+
+
+_UINT32 = schema.descriptor_pb2.FieldDescriptorProto.TYPE_UINT32
+INT32_MAX = 2**31 - 1
+
+
+def _check_int32_fields(layer) -> None:
+    """Refuse a uint32 field (kernel_size, stride, pad, num_output, group...) above INT32_MAX: caffe.proto
+    declares them uint32, but Caffe computes with them as ``int`` (a larger value wraps negative there), and
+    Keras / TensorFlow take int32 sizes. One check for every layer type, where the prototxt's values enter."""
+    stack = [(layer, "")]
+    while stack:
+        message, prefix = stack.pop()
+        for fdesc, value in message.ListFields():
+            if fdesc.name == "blobs":
+                continue
+            where = f"{prefix}{fdesc.name}"
+            values = list(value) if _is_repeated(fdesc) else [value]
+            if fdesc.type == _UINT32:
+                for item in values:
+                    if item > INT32_MAX:
+                        raise ConversionError(
+                            f"{where}: {item} is beyond the int32 range Caffe computes with (at most {INT32_MAX:,}; "
+                            "caffe.proto's uint32 does not make larger values usable); give a sensible value",
+                            layer=layer.name, layer_type=layer.type)
+            elif fdesc.message_type is not None:
+                stack.extend((item, f"{where}.") for item in values)
 
 
 def _declare_fragment_inputs(filtered: list, message, input_shape) -> list:

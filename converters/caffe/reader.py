@@ -25,7 +25,7 @@ from typing import Iterator
 
 import numpy as np
 from google.protobuf import message as protobuf_message
-from google.protobuf import text_format
+from google.protobuf import text_format, unknown_fields
 
 from converters.caffe import schema, upgrade
 from converters.caffe.errors import ConversionError
@@ -34,6 +34,8 @@ from converters.caffe.writer import _varint  # the one protobuf varint encoder (
 __all__ = [
     "MAX_CAFFEMODEL_BYTES",
     "MAX_PROTOTXT_BYTES",
+    "MAX_PROTOTXT_NESTING",
+    "MAX_UNKNOWN_FIELDS",
     "UnknownField",
     "CaffeNet",
     "CaffemodelLayer",
@@ -54,6 +56,10 @@ field_default = schema.field_default
 MAX_CAFFEMODEL_BYTES = 2**31 - 1
 #: Text prototxts are network descriptions, a few hundred kB at most; anything this large is not one.
 MAX_PROTOTXT_BYTES = 64 * 2**20
+#: Deepest message nesting a prototxt may have (protobuf's own parsers default to 100; caffe.proto needs ~6).
+MAX_PROTOTXT_NESTING = 100
+#: Most fields unknown to caffe.proto a prototxt may hold (a fork's net has tens to hundreds); each is listed.
+MAX_UNKNOWN_FIELDS = 10_000
 
 _WIRE_VARINT, _WIRE_FIXED64, _WIRE_LEN, _WIRE_FIXED32 = 0, 1, 2, 5
 
@@ -123,60 +129,69 @@ def _is_repeated(field_descriptor) -> bool:
     return field_descriptor.label == field_descriptor.LABEL_REPEATED
 
 
-def _unknown_fields(text: str, descriptor) -> list[tuple[int, str]]:
+def _unknown_fields(text: str, descriptor, path: str = "<string>") -> list[tuple[int, str]]:
     """(line, dotted path) of every field name that ``descriptor``'s schema lacks, at any depth.
 
     protobuf's ``allow_unknown_field`` skips such fields silently; this scan exists to report them. It only
-    tracks structure (names and braces); protobuf's parser remains the judge of syntax and values.
+    tracks structure (names and braces); protobuf's parser remains the judge of syntax and values. Tokens are
+    streamed (memory is the found list, bounded by ``MAX_UNKNOWN_FIELDS``, not the file's token count).
     """
-    tokens = list(_tokens(text))
+    stream = _tokens(text)
+
+    def take():
+        return next(stream, None)
+
     found: list[tuple[int, str]] = []
     stack: list[tuple[object, str, dict]] = [(descriptor, "", {})]
-    i, n = 0, len(tokens)
-    while i < n:
-        kind, value, line = tokens[i]
+    token = take()
+    while token is not None:
+        kind, value, line = token
+        token = take()
         if value in ("}", ">"):
             if len(stack) > 1:
                 stack.pop()
-            i += 1
             continue
         if kind != "ident":
-            i += 1
             continue
-        desc, path, seen = stack[-1]
+        desc, prefix, seen = stack[-1]
         fdesc = desc.fields_by_name.get(value) if desc is not None else None
         index = seen.get(value, 0)
         seen[value] = index + 1
-        fpath = f"{path}.{value}" if path else value
+        fpath = f"{prefix}.{value}" if prefix else value
         if fdesc is not None and _is_repeated(fdesc):
             fpath += f"[{index}]"
         if desc is not None and fdesc is None:
+            if len(found) >= MAX_UNKNOWN_FIELDS:
+                raise ConversionError(
+                    f"{path}: more than {MAX_UNKNOWN_FIELDS:,} fields unknown to caffe.proto (the first at line "
+                    f"{found[0][0]}: {found[0][1]}; line {line}: {fpath}); no Caffe fork's net has so many; "
+                    "this is not a network description this converter can read"
+                )
             found.append((line, fpath))
-        i += 1
-        if i < n and tokens[i][1] == ":":
-            i += 1
-        if i >= n:
+        if token is not None and token[1] == ":":
+            token = take()
+        if token is None:
             break
-        opener = tokens[i][1]
+        opener = token[1]
         if opener in ("{", "<"):
             stack.append((fdesc.message_type if fdesc is not None else None, fpath, {}))
-            i += 1
+            token = take()
         elif opener == "[":
             depth = 0
-            while i < n:
-                if tokens[i][1] in ("[", "{", "<"):
+            while token is not None:
+                if token[1] in ("[", "{", "<"):
                     depth += 1
-                elif tokens[i][1] in ("]", "}", ">"):
+                elif token[1] in ("]", "}", ">"):
                     depth -= 1
-                i += 1
+                token = take()
                 if depth == 0:
                     break
         else:
             if opener == "-":
-                i += 1
-            i += 1
-            while i < n and tokens[i][0] == "string":
-                i += 1
+                token = take()
+            token = take()
+            while token is not None and token[0] == "string":
+                token = take()
     return found
 
 
@@ -274,12 +289,22 @@ _SOLVER_ONLY_FIELDS = frozenset(schema.SolverParameter.DESCRIPTOR.fields_by_name
 _TRAIN_NET_FIELDS = ("train_net_param", "train_net", "net_param", "net")
 
 
-def _top_level_names(text: str) -> set[str]:
-    """Field names at the outermost level of a text proto (values after ':' are not names)."""
+def _top_level_names(text: str, path: str = "<string>") -> set[str]:
+    """Field names at the outermost level of a text proto (values after ':' are not names).
+
+    The same pass refuses nesting deeper than ``MAX_PROTOTXT_NESTING`` (braces in strings and comments do not
+    count) before protobuf's recursive text parser sees it.
+    """
     names, depth, previous = set(), 0, ""
-    for kind, value, _ in _tokens(text):
+    for kind, value, line in _tokens(text):
         if value in ("{", "<"):
             depth += 1
+            if depth > MAX_PROTOTXT_NESTING:
+                raise ConversionError(
+                    f"{path}: line {line}: messages nested more than {MAX_PROTOTXT_NESTING} levels deep; "
+                    f"caffe.proto's deepest are a few levels (solver > net > layer > param > filler), and "
+                    "protobuf's parsers stop at 100: this is not a network description"
+                )
         elif value in ("}", ">"):
             depth = max(depth - 1, 0)
         elif kind == "ident" and depth == 0 and previous != ":":
@@ -288,13 +313,14 @@ def _top_level_names(text: str) -> set[str]:
     return names
 
 
-def _is_solver(text: str) -> bool:
-    names = _top_level_names(text)
+def _is_solver(text: str, path: str = "<string>") -> bool:
+    names = _top_level_names(text, path)
     return bool(names & _SOLVER_ONLY_FIELDS) and not names & {"layer", "layers"}
 
 
 def _parse_solver(text: str, path: str, dialect: str | None) -> CaffeNet:
     solver = schema.SolverParameter()
+    found = _unknown_fields(text, solver.DESCRIPTOR, path)
     try:
         text_format.Parse(text, solver, allow_unknown_field=True)
     except text_format.ParseError as error:
@@ -321,8 +347,7 @@ def _parse_solver(text: str, path: str, dialect: str | None) -> CaffeNet:
                 "(Caffe resolves the path from the directory it runs in)"
             )
         raise ConversionError(f"{path}: this is a Caffe solver that defines no net (no net_param or net)")
-    unknown = [UnknownField(line, fpath, _layer_of(net, fpath, net_field))
-               for line, fpath in _unknown_fields(text, solver.DESCRIPTOR)]
+    unknown = [UnknownField(line, fpath, _layer_of(net, fpath, net_field)) for line, fpath in found]
     _refuse_v0(unknown, path)
     upgraded = upgrade.upgrade_net(net, path)
     chosen, reason = _resolve_dialect(upgraded, unknown, dialect)
@@ -355,15 +380,15 @@ def parse_prototxt(text: str, path: str = "<string>", dialect: str | None = None
     """
     if dialect is not None:
         dialect = schema.check_dialect(dialect)
-    if _is_solver(text):
+    if _is_solver(text, path):  # also refuses absurd nesting, before protobuf's recursive parser
         return _parse_solver(text, path, dialect)
     net = schema.NetParameter()
+    found = _unknown_fields(text, net.DESCRIPTOR, path)  # first: it refuses a flood of unknown fields cheaply
     try:
         text_format.Parse(text, net, allow_unknown_field=True)
     except text_format.ParseError as error:
         raise ConversionError(f"{path}: not a valid Caffe prototxt: {error}") from None
-    unknown = [UnknownField(line, fpath, _layer_of(net, fpath))
-               for line, fpath in _unknown_fields(text, net.DESCRIPTOR)]
+    unknown = [UnknownField(line, fpath, _layer_of(net, fpath)) for line, fpath in found]
     _refuse_v0(unknown, path)
     source_format = "V1" if len(net.layers) else "V2"
     upgraded = upgrade.upgrade_net(net, path)
@@ -492,21 +517,48 @@ def blob_shape(blob) -> tuple[int, ...]:
     return tuple(blob.shape.dim)
 
 
+#: NVIDIA Caffe's ``raw_data_type`` values (OpenCV's caffe.proto ``Type``) that convert: FLOAT16 and FLOAT, which
+#: OpenCV reads too, and DOUBLE, which NVIDIA Caffe writes for Blob<double> (OpenCV refuses it; reading it is
+#: exact). INT (3) and UINT (4) are not weights.
 _RAW_DTYPES = {0: "<f8", 1: "<f4", 2: "<f2"}
+_RAW_TYPE_FIELD = 10  # BlobProto.raw_data_type
+
+
+def _raw_dtype(blob, where: str, path: str) -> str:
+    """The NumPy dtype of a blob's ``raw_data``, from a ``raw_data_type`` the file states.
+
+    A value outside the enum (proto2 keeps it among the unknown fields, and the getter then answers DOUBLE) and
+    an unset type (the field's default, DOUBLE, is what no writer means: NVIDIA Caffe always writes it; OpenCV
+    refuses both) are refused rather than read with a guessed width.
+    """
+    if not blob.HasField("raw_data_type"):
+        stray = [item.data for item in unknown_fields.UnknownFieldSet(blob) if item.field_number == _RAW_TYPE_FIELD]
+        if stray:
+            raise ConversionError(
+                f"{path}: {where} stores raw_data of raw_data_type {stray[-1]}, which is not in caffe.proto's "
+                "BlobProto.Type (DOUBLE 0, FLOAT 1, FLOAT16 2, INT 3, UINT 4); the file is corrupt or comes from "
+                "a writer this converter does not know"
+            )
+        raise ConversionError(
+            f"{path}: {where} stores raw_data without a raw_data_type, so the width of its values is unknown "
+            "(NVIDIA Caffe always writes the type; OpenCV refuses such a blob too); re-save the caffemodel"
+        )
+    dtype = _RAW_DTYPES.get(blob.raw_data_type)
+    if dtype is None:
+        raise ConversionError(
+            f"{path}: {where} stores raw_data of type {blob.raw_data_type} (integer); only float blobs convert"
+        )
+    return dtype
 
 
 def _blob_values(blob, where: str, path: str):
-    """(NumPy dtype string, number of values, getter) of a blob's stored data, without converting it."""
+    """(number of values, getter) of a blob's stored data, without converting it."""
     if len(blob.double_data):
         return len(blob.double_data), lambda: np.asarray(blob.double_data, dtype=np.float64)
     if len(blob.data):
         return len(blob.data), lambda: np.asarray(blob.data, dtype=np.float32)
     if blob.HasField("raw_data"):
-        dtype = _RAW_DTYPES.get(blob.raw_data_type)
-        if dtype is None:
-            raise ConversionError(
-                f"{path}: {where} stores raw_data of type {blob.raw_data_type} (integer); only float blobs convert"
-            )
+        dtype = _raw_dtype(blob, where, path)
         itemsize = np.dtype(dtype).itemsize
         if len(blob.raw_data) % itemsize:
             raise ConversionError(f"{path}: {where}: raw_data length is not a multiple of {itemsize}")
@@ -777,10 +829,8 @@ def read_caffemodel(path: str | os.PathLike, dialect: str | None = None) -> Caff
                 resume = offset + length
                 layers.append(_index_layer(handle, offset, length, v1=number == 2, path=path))
                 handle.seek(resume)
-            elif number not in (1, 3, 4, 5, 6, 7, 8):
-                raise ConversionError(
-                    f"{path}: not a Caffe caffemodel (top-level field {number} is not in caffe.proto's NetParameter)"
-                )
+            else:
+                _check_net_field(number, wire, path)
     if not layers:
         raise ConversionError(f"{path}: not a Caffe caffemodel (it holds no layers)")
     if kinds == {100, 2}:
@@ -788,6 +838,23 @@ def read_caffemodel(path: str | os.PathLike, dialect: str | None = None) -> Caff
             f"{path}: the caffemodel mixes current 'layer' and V1 'layers' entries, which Caffe refuses"
         )
     return Caffemodel(path, layers, size, "V1" if kinds == {2} else "V2", dialect)
+
+
+def _check_net_field(number: int, wire: int, path: str) -> None:
+    """Refuse a top-level field (other than a layer) that caffe.proto's NetParameter lacks, or that arrives with
+    another wire type than the one it declares (a layer entry, 100 / 2, that is not length-delimited included)."""
+    fdesc = schema.NetParameter.DESCRIPTOR.fields_by_number.get(number)
+    if fdesc is None:
+        raise ConversionError(
+            f"{path}: not a Caffe caffemodel (top-level field {number} is not in caffe.proto's NetParameter)"
+        )
+    expected = _wire_types(fdesc)
+    if wire not in expected:
+        raise ConversionError(
+            f"{path}: not a Caffe caffemodel: NetParameter field {number} ({fdesc.name}) has the wrong wire type "
+            f"{wire} ({_WIRE_NAMES.get(wire, '?')}); caffe.proto declares {fdesc.name} with wire type "
+            f"{expected[0]} ({_WIRE_NAMES[expected[0]]}); the file is corrupt or not a caffemodel"
+        )
 
 
 def _index_layer(handle, offset: int, length: int, v1: bool, path: str) -> CaffemodelLayer:

@@ -38,6 +38,34 @@ from converters.caffe.stand_ins import NotRun, StandIn, python_layer
 # ----------------------------------------------------------------------------------------------------
 
 
+def _check_blob_counts(layer, several: bool = True) -> None:
+    """Caffe's BaseConvolutionLayer has ``EqualNumBottomTopBlobs``: top k is bottom k convolved with the one set of
+    weights, and every bottom has the same shape."""
+    bottoms, tops = len(layer.bottoms), len(layer.tops)
+    if not bottoms:
+        raise layer.error(f"has no bottom; a {layer.type} layer reads at least one blob: name its input blob in "
+                          "`bottom`")
+    if bottoms != tops:
+        raise layer.error(f"has {bottoms} bottom(s) and {tops} top(s); Caffe requires as many tops as bottoms (each "
+                          "bottom is convolved into its own top, with the same weights): give one top per bottom, "
+                          "or remove the extra bottom")
+    if bottoms > 1 and not several:
+        raise layer.error(f"{layer.type} with {bottoms} bottoms does not convert; split it into layers of one bottom")
+    first = layer.input_shapes[0]
+    for index, shape in enumerate(layer.input_shapes[1:], start=1):
+        if tuple(shape) != tuple(first):
+            raise layer.error(f"bottom {index} has shape {tuple(shape)}, bottom 0 {tuple(first)}; Caffe requires "
+                              "every bottom of a convolution to have the same shape")
+
+
+def _check_group(layer, p, c: int) -> None:
+    if p.group < 1:
+        raise layer.error("convolution_param.group is 0; it must be >= 1 (1: no grouping, the default)")
+    if c % p.group or p.num_output % p.group:
+        raise layer.error(f"convolution_param.group {p.group} must divide both the {c} input and {p.num_output} "
+                          "output channels")
+
+
 @register("Convolution")
 class ConvolutionHandler(Handler):
     def _geometry(self, layer):
@@ -47,13 +75,13 @@ class ConvolutionHandler(Handler):
         return _conv_geometry(layer, p)
 
     def output_shapes(self, layer):
+        _check_blob_counts(layer)
         n, c, h, w = _spatial_input(layer)
         p = layer.param.convolution_param
         kernel, stride, pad, dilation = self._geometry(layer)
         if not p.num_output:
             raise layer.error("convolution_param.num_output is required")
-        if c % p.group or p.num_output % p.group:
-            raise layer.error(f"group {p.group} must divide both the {c} input and {p.num_output} output channels")
+        _check_group(layer, p, c)
         out = [shapes.conv_output_size(size, k, s, q, d)
                for size, k, s, q, d in zip((h, w), kernel, stride, pad, dilation)]
         return [_check_positive(layer, (n, p.num_output, *out), "the output")] * len(layer.tops)
@@ -68,14 +96,14 @@ class ConvolutionHandler(Handler):
     def build(self, ctx, layer, inputs, weights):
         p = layer.param.convolution_param
         kernel, stride, pad, dilation = self._geometry(layer)
-        x = inputs[0]
         symmetric_same = stride == (1, 1) and all(2 * q == d * (k - 1) for q, d, k in zip(pad, dilation, kernel))
+        padder = None
         if symmetric_same and any(pad):
             padding = "same"  # stride 1: TF's "same" pads (k-1)/2 on both sides, exactly Caffe's symmetric pad
         else:
             padding = "valid"
             if any(pad):
-                x = keras.layers.ZeroPadding2D(pad, name=ctx.name(layer, "pad"))(x)
+                padder = keras.layers.ZeroPadding2D(pad, name=ctx.name(layer, "pad"))
         subsample = stride if stride != (1, 1) and dilation != (1, 1) else None
         weight_filler = p.weight_filler if p.HasField("weight_filler") else None
         bias_filler = p.bias_filler if p.HasField("bias_filler") else None
@@ -85,30 +113,34 @@ class ConvolutionHandler(Handler):
             kernel_initializer=_initializer(weights, weight_filler, "glorot_uniform"),
             bias_initializer=_initializer(weights, bias_filler, "zeros"),
         )
-        y = conv(x)
+        sampler = Subsample2D(subsample, name=ctx.name(layer, "stride")) if subsample else None
+        outputs = []
+        for x in inputs:  # one top per bottom, all through the same layers (Caffe's shared weights)
+            y = conv(padder(x) if padder is not None else x)
+            if sampler is not None:  # Keras refuses stride > 1 with dilation > 1: dilate at stride 1, then subsample
+                y = sampler(y)
+            outputs.append(y)
         _keep_filler(conv, "kernel_initializer", weight_filler, "glorot_uniform")
         _keep_filler(conv, "bias_initializer", bias_filler, "zeros")
-        if subsample:  # Keras refuses stride > 1 with dilation > 1: dilate at stride 1, then subsample
-            y = Subsample2D(subsample, name=ctx.name(layer, "stride"))(y)
         assign = []
         if weights is not None:
             arrays = [weights[0].transpose(2, 3, 1, 0)]
             if p.bias_term:
                 arrays.append(weights[1])
             assign.append((conv, arrays))
-        return Built([y] * len(layer.tops), weights=assign)
+        return Built(outputs, weights=assign)
 
 
 @register("Deconvolution")
 class DeconvolutionHandler(Handler):
     def output_shapes(self, layer):
+        _check_blob_counts(layer, several=False)
         n, c, h, w = _spatial_input(layer)
         p = layer.param.convolution_param
         kernel, stride, pad, dilation = _conv_geometry(layer, p)
         if dilation != (1, 1):
             raise layer.error("dilated Deconvolution does not convert")
-        if c % p.group or p.num_output % p.group:
-            raise layer.error(f"group {p.group} must divide both the {c} input and {p.num_output} output channels")
+        _check_group(layer, p, c)
         out = [shapes.deconv_output_size(size, k, s, q) for size, k, s, q in zip((h, w), kernel, stride, pad)]
         return [_check_positive(layer, (n, p.num_output, *out), "the output")] * len(layer.tops)
 
@@ -191,6 +223,11 @@ class PoolingHandler(Handler):
         any_pad = any(pad)
         out = [shapes.pool_output_size(size, k, s, q, ceil_mode, any_pad)
                for size, k, s, q in zip((h, w), kernel, stride, pad)]
+        for axis, size, k, s, q, o in zip("hw", (h, w), kernel, stride, pad, out):
+            if o > 1 and (o - 1) * s - q >= size:  # Caffe pools an empty window there (-FLT_MAX / 0)
+                raise layer.error(f"stride_{axis} {s} puts the last of the {o} windows along {axis} at "
+                                  f"{(o - 1) * s - q}, past the input's {size} (pad {q}): a window over no input; "
+                                  f"use a stride of at most {size + q - 1} or global_pooling")
         return [_check_positive(layer, (n, c, *out), "the output")] * len(layer.tops)
 
     def build(self, ctx, layer, inputs, weights):
