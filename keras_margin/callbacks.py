@@ -1,5 +1,6 @@
 """Training callbacks: ``NaNLossDiagnosis`` stops ``model.fit`` at the first NaN (or inf) loss and says why it
-is likely there.
+is likely there; ``Verification`` runs the LFW protocol on the embedding network every few epochs, logs its
+figures (History, TensorBoard) and keeps the best model.
 
 Under XLA (``jit_compile=True`` on TensorFlow, or JAX's compiled steps) no check on values can raise inside
 the step, so the margin heads and losses mark a row whose class id is outside ``[0, num_classes)`` with NaN
@@ -10,10 +11,16 @@ turns that NaN into an error naming the epoch and batch, with the likely causes.
 from __future__ import annotations
 
 import math
+import numbers
+import os
+import warnings
+from pathlib import Path
+from typing import Sequence
 
 import keras
+import numpy as np
 
-__all__ = ["NaNLossDiagnosis", "NaNLossError"]
+__all__ = ["NaNLossDiagnosis", "NaNLossError", "Verification"]
 
 
 class NaNLossError(ValueError):
@@ -108,3 +115,265 @@ class NaNLossDiagnosis(keras.callbacks.Callback):
         except AttributeError:  # pragma: no cover - a model without Keras' layer tracking
             return []
         return [layer for layer in layers if isinstance(layer, MarginHead)]
+
+
+class Verification(keras.callbacks.Callback):
+    """Run the LFW verification protocol on the model's embedding network every ``every`` epochs.
+
+    At the end of every ``every``-th epoch each distinct image of the pairs file is embedded once with the
+    embedding network (``keras_margin.evaluation.compute_embeddings``, with the flip trick when ``flip``), a
+    pair's score is the cosine of its two embeddings, and ``keras_margin.evaluation.verification_report`` gives
+    the figures, exactly as ``keras_margin.evaluation.evaluate_lfw`` computes them. They are written into the
+    epoch's ``logs``, so ``model.fit``'s History and a ``keras.callbacks.TensorBoard`` placed after this callback
+    record them (TensorBoard puts keys starting with ``val_`` under ``validation/``, the prefix removed):
+    ```
+    {prefix}_accuracy             10-fold accuracy, each fold's threshold chosen on the other folds
+    {prefix}_accuracy_std         standard deviation of the per-fold accuracies
+    {prefix}_threshold            the threshold that classifies the most of all pairs right (best_threshold)
+    {prefix}_auc, {prefix}_eer    area under the ROC curve, equal error rate
+    {prefix}_tar_at_far_1e-03     TAR at each FAR of `far` (key formatted f"{far:.0e}")
+    ```
+    With ``filepath``, the full model is saved there (``model.save``, written to a temporary file moved onto
+    ``filepath`` once complete) at each evaluated epoch where ``logs[monitor]`` exceeds the best value so far;
+    ``best`` and ``best_epoch`` (counted from 1) hold that value and epoch, ``reports`` maps each evaluated epoch
+    (from 1) to its ``VerificationReport``.
+
+    The pairs file and the images are read and checked in the constructor (a malformed line or a missing image
+    is a ``PairsFileError`` naming the file and the line, before any training step); the embedding network and
+    the preprocessing (the model's ``InputContract`` completed by ``preprocessing``, see
+    ``keras_margin.evaluation.resolve_preprocessing``) are fixed at the start of each ``fit``.
+
+    Formula:
+    ```
+    e_i = f(x_i) / |f(x_i)|                                             flip=False; f: the embedding network
+    e_i = (f(x_i) + f(mirror(x_i))) / |f(x_i) + f(mirror(x_i))|         flip=True
+    score(pair) = <e_first, e_second>
+    accuracy    = mean_k mean_{pairs in fold k} ((score >= t_k) == same),   t_k = best threshold off fold k
+    TAR@FAR     = TAR(t*),   t* = min{t : FAR(t) <= far}                (empirical ROC, never interpolated)
+    ```
+
+    Args:
+        pairs: the LFW-style pairs file (``pairs.txt`` of View 2, a View 1 file or a header-less list; see
+            ``keras_margin.evaluation.parse_pairs``).
+        images: the images folder: ``<images>/<name>/<name>_<4-digit number>.<ext>``.
+        every: evaluate at the end of epochs every, 2 * every, ... (counted from 1). Defaults to 1.
+        embedding_model: a ``keras.Model`` mapping images to embeddings (sharing layers with the trained model).
+            Defaults to None.
+        embedding_layer: the name of the layer of the trained model whose output is the embedding. Defaults
+            to None.
+        flip: embed each image plus its mirror (the AM-Softmax deploy net's feature). Defaults to True.
+        far: the FAR targets of the TAR@FAR figures. Defaults to (1e-2, 1e-3).
+        batch_size: images per model call. Defaults to 64.
+        prefix: the start of every key written into ``logs``. Defaults to "val_lfw".
+        filepath: a ``.keras`` file to save the best model to, or None (no saving). Defaults to None.
+        monitor: the ``logs`` key whose largest value is the best model. Defaults to None
+            (``f"{prefix}_accuracy"``).
+        verbose: 1: print one line per evaluation; 0: silent. Defaults to 1.
+        ext: the image file extension. Defaults to "jpg".
+        preprocessing: size, channel order, mean and scale turning the files into model input; None fields come
+            from the model's ``InputContract``. Defaults to None.
+
+    With neither ``embedding_model`` nor ``embedding_layer`` the embedding network is the trained model from its
+    inputs to the input of its margin head (a ``CosineDense`` or ``MarginHead`` subclass; see
+    ``keras_margin.export.embedding_model``); a model without one is a ``ValueError`` naming both options.
+
+    Example:
+    >>> import os, numpy as np, keras, tensorflow as tf
+    >>> from keras_margin import AMSoftmaxHead
+    >>> from keras_margin.evaluation import Preprocessing
+    >>> rng = np.random.default_rng(0)
+    >>> for person in ("Ann", "Bob"):
+    ...     os.makedirs(os.path.join("lfw", person))
+    ...     for number in (1, 2):
+    ...         pixels = rng.integers(0, 256, (8, 8, 3)).astype("uint8")
+    ...         tf.io.write_file(f"lfw/{person}/{person}_{number:04d}.png", tf.io.encode_png(pixels))
+    >>> _ = open("pairs.txt", "w").write("2 1\\nAnn 1 2\\nAnn 1 Bob 1\\nBob 1 2\\nBob 2 Ann 2\\n")
+    >>> model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(), keras.layers.Dense(4),
+    ...                           AMSoftmaxHead(2)])
+    >>> model.compile("sgd", loss=model.layers[-1].loss)
+    >>> verification = Verification("pairs.txt", "lfw", ext="png", far=(0.1,), verbose=0,
+    ...                             preprocessing=Preprocessing(mean=127.5, scale=1 / 128))
+    >>> history = model.fit(rng.random((4, 8, 8, 3)), np.array([0, 1, 0, 1]), epochs=2, verbose=0,
+    ...                     callbacks=[verification])
+    >>> sorted(key for key in history.history if key.startswith("val_lfw"))
+    ['val_lfw_accuracy', 'val_lfw_accuracy_std', 'val_lfw_auc', 'val_lfw_eer', 'val_lfw_tar_at_far_1e-01', \
+'val_lfw_threshold']
+    >>> sorted(verification.reports), 0.0 <= history.history["val_lfw_accuracy"][-1] <= 1.0
+    ([1, 2], True)
+
+    Reference:
+        Huang et al., "Labeled Faces in the Wild: A Database for Studying Face Recognition in Unconstrained
+        Environments", UMass Amherst TR 07-49, 2007 (the 10-fold protocol); Liao et al., "A Benchmark Study of
+        Large-scale Unconstrained Face Recognition", IJCB 2014 (BLUFR: TAR at FAR).
+    """
+
+    def __init__(self, pairs: str | os.PathLike, images: str | os.PathLike, every: int = 1,
+                 embedding_model: keras.Model | None = None, embedding_layer: str | None = None, flip: bool = True,
+                 far: float | Sequence[float] = (1e-2, 1e-3), batch_size: int = 64, prefix: str = "val_lfw",
+                 filepath: str | os.PathLike | None = None, monitor: str | None = None, verbose: int = 1, *,
+                 ext: str = "jpg", preprocessing=None):
+        super().__init__()
+        from keras_margin.evaluation.images import Preprocessing
+        from keras_margin.evaluation.metrics import kfold_accuracy
+        from keras_margin.evaluation.pairs import PairsFileError, image_paths, read_pairs
+
+        def positive_int(name, value):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"Verification: `{name}` must be an integer >= 1; got {value!r}.")
+            return int(value)
+
+        self.every = positive_int("every", every)
+        self.batch_size = positive_int("batch_size", batch_size)
+        if embedding_model is not None and embedding_layer is not None:
+            raise ValueError("Verification: give `embedding_model` or `embedding_layer`, not both.")
+        if embedding_model is not None and not isinstance(embedding_model, keras.Model):
+            raise ValueError(f"Verification: `embedding_model` must be a keras.Model; got {type(embedding_model)}.")
+        if embedding_layer is not None and (not isinstance(embedding_layer, str) or not embedding_layer):
+            raise ValueError(f"Verification: `embedding_layer` must be a layer name; got {embedding_layer!r}.")
+        if not isinstance(flip, bool):
+            raise ValueError(f"Verification: `flip` must be a bool; got {flip!r}.")
+        targets = [far] if isinstance(far, numbers.Real) else list(far) if isinstance(far, (list, tuple)) else None
+        if not targets or any(isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0.0 <= v <= 1.0
+                              for v in targets):
+            raise ValueError(f"Verification: `far` must be a FAR in [0, 1] or a non-empty list of them; got {far!r}.")
+        if not isinstance(prefix, str) or not prefix:
+            raise ValueError(f"Verification: `prefix` must be a non-empty string; got {prefix!r}.")
+        if monitor is not None and (not isinstance(monitor, str) or not monitor):
+            raise ValueError(f"Verification: `monitor` must be a logs key; got {monitor!r}.")
+        if verbose not in (0, 1) or not isinstance(verbose, numbers.Integral):
+            raise ValueError(f"Verification: `verbose` must be 0 or 1; got {verbose!r}.")
+        if not isinstance(ext, str) or not ext or "/" in ext:
+            raise ValueError(f"Verification: `ext` must be a file extension such as 'jpg'; got {ext!r}.")
+        if preprocessing is not None and not isinstance(preprocessing, Preprocessing):
+            raise ValueError("Verification: `preprocessing` must be a keras_margin.evaluation.Preprocessing; got "
+                             f"{type(preprocessing)}.")
+        if filepath is not None:
+            from keras_margin.export._files import check_writable
+
+            if not isinstance(filepath, (str, os.PathLike)) or not os.fspath(filepath).endswith(".keras"):
+                raise ValueError(f"Verification: `filepath` must be a file name ending in '.keras'; got {filepath!r}.")
+            check_writable(filepath, "Verification: `filepath`")
+            filepath = Path(filepath)
+        self.embedding_model = embedding_model
+        self.embedding_layer = embedding_layer
+        self.flip = flip
+        self.far = tuple(float(v) for v in targets)
+        self.prefix = prefix
+        self.filepath = filepath
+        self.monitor = f"{prefix}_accuracy" if monitor is None else monitor
+        self.verbose = int(verbose)
+        self.ext = ext
+        self.preprocessing = preprocessing
+
+        self.pairs_file, self.images = Path(pairs), Path(images)
+        self.pairs = read_pairs(self.pairs_file, ext=ext)
+        self.image_files = image_paths(self.pairs, self.images, source=str(self.pairs_file))
+        row = {path.relative_to(self.images).as_posix(): index for index, path in enumerate(self.image_files)}
+        self._first = np.array([row[pair.first] for pair in self.pairs])
+        self._second = np.array([row[pair.second] for pair in self.pairs])
+        self._labels = np.array([pair.same for pair in self.pairs])
+        self._folds = np.array([pair.fold for pair in self.pairs])
+        try:  # the folds and the kinds of pair the protocol needs, checked now rather than after an epoch
+            kfold_accuracy(self._labels, np.zeros(len(self.pairs)), self._folds)
+        except ValueError as error:
+            raise PairsFileError(f"{self.pairs_file}: {error}") from None
+
+        self.best = -math.inf
+        self.best_epoch = None
+        self.reports: dict = {}
+        self.network = None
+        self._resolved = None
+
+    def on_train_begin(self, logs=None):
+        from keras_margin.evaluation.contract import PreprocessingWarning, resolve_preprocessing
+
+        self.network = self._embedding_network()
+        self._resolved = resolve_preprocessing(self.network, self.preprocessing, self.flip)
+        for message in self._resolved.warnings:
+            warnings.warn(f"Verification: {message}", PreprocessingWarning, stacklevel=2)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if (epoch + 1) % self.every:
+            return
+        if self.network is None:  # on_epoch_end called outside fit
+            self.on_train_begin()
+        report = self.evaluate(epoch + 1)
+        figures = {"accuracy": report.accuracy, "accuracy_std": report.accuracy_std,
+                   "threshold": report.best_threshold, "auc": report.auc, "eer": report.eer}
+        for target, (tar, _) in report.tar_at_far.items():
+            figures[f"tar_at_far_{target:.0e}"] = tar
+        logs = {} if logs is None else logs
+        logs.update({f"{self.prefix}_{name}": float(value) for name, value in figures.items()})
+        saved = self._save_if_best(epoch + 1, logs) if self.filepath is not None else False
+        if self.verbose:
+            tars = ", ".join(f"TAR@FAR={target:.0e} {100 * tar:.2f}%" for target, (tar, _) in report.tar_at_far.items())
+            note = f"; {self.monitor} improved, model saved to {self.filepath}" if saved else ""
+            print(f"Epoch {epoch + 1}: {self.prefix} accuracy {100 * report.accuracy:.2f}% "
+                  f"+- {100 * report.accuracy_std:.2f}%, {tars}, threshold {report.best_threshold:.4f}{note}")
+
+    def evaluate(self, epoch: int):
+        """The ``VerificationReport`` of the embedding network now, kept in ``reports[epoch]``."""
+        from keras_margin.evaluation.embeddings import compute_embeddings, cosine_scores
+        from keras_margin.evaluation.metrics import verification_report
+
+        embeddings = compute_embeddings(self.network, self.image_files, batch_size=self.batch_size,
+                                        flip=self._resolved.flip, preprocessing=self._resolved.preprocessing,
+                                        progress=False, ignore_contract=True)
+        scores = cosine_scores(embeddings[self._first], embeddings[self._second])
+        try:
+            report = verification_report(self._labels, scores, self._folds, self.far)
+        except ValueError as error:  # NaN or inf embeddings: the training diverged
+            raise ValueError(f"Verification: epoch {epoch}: {error} (the embeddings of the pairs' images are not "
+                             "all finite)") from None
+        self.reports[epoch] = report
+        return report
+
+    def _save_if_best(self, epoch: int, logs: dict) -> bool:
+        from keras_margin.export._files import atomic_output
+
+        if self.monitor not in logs:
+            raise ValueError(f"Verification: `monitor` {self.monitor!r} is not in the logs of epoch {epoch}; "
+                             f"the keys are {sorted(logs)}.")
+        value = float(logs[self.monitor])
+        if not value > self.best:
+            return False
+        with atomic_output(self.filepath) as partial:
+            self.model.save(str(partial))
+        self.best, self.best_epoch = value, epoch
+        return True
+
+    def _embedding_network(self) -> keras.Model:
+        """The network mapping images to embeddings: given, cut at ``embedding_layer``, or before the margin head."""
+        if self.embedding_model is not None:
+            network = self.embedding_model
+        elif self.embedding_layer is not None:
+            network = self._cut_at_layer(self.embedding_layer)
+        else:
+            from keras_margin.export.embedding import embedding_model
+
+            try:
+                network = embedding_model(self.model)
+            except ValueError as error:
+                raise ValueError(f"Verification: {error}; or pass `embedding_model` (a keras.Model from images to "
+                                 "embeddings) or `embedding_layer` (the name of the embedding layer)") from None
+            if network is self.model:
+                raise ValueError(
+                    f"Verification: model '{self.model.name}' has no keras_margin margin head (CosineDense or a "
+                    "MarginHead subclass) whose input would be the embedding; pass `embedding_model` (a keras.Model "
+                    "from images to embeddings) or `embedding_layer` (the name of the layer whose output is the "
+                    "embedding)")
+        if len(network.inputs) != 1:
+            raise ValueError(f"Verification: the embedding network '{network.name}' has {len(network.inputs)} inputs; "
+                             "it must take only the images: pass `embedding_model` mapping images to embeddings")
+        return network
+
+    def _cut_at_layer(self, name: str) -> keras.Model:
+        from keras_margin.export.embedding import _ancestor_inputs
+
+        names = [layer.name for layer in self.model.layers]
+        if name not in names:
+            raise ValueError(f"Verification: `embedding_layer` {name!r} is not a layer of model '{self.model.name}'; "
+                             f"its layers are {names}.")
+        output = self.model.get_layer(name).output
+        inputs = _ancestor_inputs(output, list(self.model.inputs))
+        return keras.Model(inputs if len(inputs) > 1 else inputs[0], output, name=f"{self.model.name}_{name}")
