@@ -4,7 +4,7 @@
 #
 #   benchmarks/gpu.sh            build the wheels if benchmarks/.gpu-wheels is missing (needs the package index),
 #                                install them into a fresh virtual environment that sees the machine's own JAX
-#                                (--system-site-packages: a GPU image brings jax with its CUDA plugin), run.
+#                                (a GPU image brings jax with its CUDA plugin), run.
 #   benchmarks/gpu.sh build      only build the wheels (on a machine that reaches the index), for a GPU machine
 #                                that reaches nothing: copy benchmarks/.gpu-wheels along with the tree.
 #   benchmarks/gpu.sh run        only install from benchmarks/.gpu-wheels (offline) and run.
@@ -34,9 +34,14 @@ build() {
 run() {
     [ -d "$WHEELS" ] || { echo "gpu.sh: no $WHEELS; run 'benchmarks/gpu.sh build' where the index is reachable" >&2; exit 2; }
     "$PYTHON" -c "import jax" 2>/dev/null || { echo "gpu.sh: this Python has no jax; a GPU image brings it" >&2; exit 2; }
-    "$PYTHON" -m venv --system-site-packages --clear "$VENV"
+    "$PYTHON" -m venv --clear "$VENV"
+    # The new environment sees every package of $PYTHON (its jax, CUDA plugin included), whether $PYTHON is the
+    # system's or itself a virtual environment's, through a .pth file of $PYTHON's site-packages folders.
+    "$PYTHON" -c "import site; print('\n'.join(site.getsitepackages()))" \
+        >"$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/_gpu_base.pth"
     # shellcheck disable=SC1091
     . "$VENV/bin/activate"
+    export KERAS_BACKEND=jax XLA_PYTHON_CLIENT_PREALLOCATE=false
     if ! python -c "import keras, sys; v = tuple(map(int, keras.__version__.split('.')[:2])); sys.exit(v != (3, 15))" \
         2>/dev/null; then
         python -m pip install -q --no-index --find-links "$WHEELS" "$KERAS_SPEC"
@@ -48,7 +53,6 @@ import jax, keras, keras_margin
 print(f"gpu.sh: jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}), keras "
       f"{keras.__version__}, keras-margin {keras_margin.__version__}")
 EOF
-    export KERAS_BACKEND=jax XLA_PYTHON_CLIENT_PREALLOCATE=false
     started=$(date +%s)
     # shellcheck disable=SC2086
     python "$ROOT/benchmarks/heads.py" --backend jax ${GPU_HEADS_ARGS:---jit on --reps 20 --warmup 3}
