@@ -10,14 +10,18 @@ import importlib as _importlib
 from keras_margin import layers, losses
 from keras_margin.input_contract import InputContract, find_input_contract
 from keras_margin.layers import (
+    AdaCosHead,
+    AdaFaceHead,
     AMSoftmaxHead,
     ArcFaceHead,
     CombinedMarginHead,
     CosineDense,
+    CurricularFaceHead,
     MarginHead,
     NormFaceContrastiveHead,
     NormFaceHead,
     SphereFaceHead,
+    SubCenterArcFaceHead,
     X2SoftmaxHead,
 )
 from keras_margin.losses import normface_scale_lower_bound
@@ -41,15 +45,19 @@ def _register_plugin_layers() -> None:
 _register_plugin_layers()
 
 __all__ = [
+    "AdaCosHead",
+    "AdaFaceHead",
     "AMSoftmaxHead",
     "ArcFaceHead",
     "CombinedMarginHead",
     "CosineDense",
+    "CurricularFaceHead",
     "InputContract",
     "MarginHead",
     "NormFaceContrastiveHead",
     "NormFaceHead",
     "SphereFaceHead",
+    "SubCenterArcFaceHead",
     "X2SoftmaxHead",
     "find_input_contract",
     "layers",
@@ -60,7 +68,7 @@ __all__ = [
 
 # Subpackages reached as attributes (``keras_margin.export.export_onnx``) are imported on first use.
 _SUBMODULES = ("callbacks", "chunked", "core", "data", "distribution", "evaluation", "export", "input_contract",
-               "margins", "models", "sampling")
+               "margins", "models", "recipes", "sampling")
 
 
 def __getattr__(name: str):

@@ -11,6 +11,9 @@ from keras import ops
 from keras_margin import _validation
 
 TargetFn = Callable[[Any], Any]
+#: ``nontarget(cos_theta (batch, C), cos_theta_y (batch, 1)) -> (batch, C)``: an objective's non-target cosines
+#: (CurricularFace's re-weighted hard negatives); the target column of its result is ignored.
+NontargetFn = Callable[[Any, Any], Any]
 _NORM_EPS = 1e-12  # added to squared norms, so a zero vector gives a zero (not NaN) cosine
 
 
@@ -70,36 +73,39 @@ def sparse_labels(owner: str, labels, num_classes: int, batch: int | None = None
     return ops.where(in_range, ops.cast(ids, "int32"), -1)
 
 
-def margin_logits(cos_theta, class_ids, target: TargetFn, scale):
+def margin_logits(cos_theta, class_ids, target: TargetFn, scale, nontarget: NontargetFn | None = None):
     """Logits with the target column replaced by the objective's target cosine, times the scale.
 
     Formula:
     ```
-    z_j = scale * cos_theta_j          (j != y)
+    z_j = scale * cos_theta_j          (j != y; scale * nontarget(cos_theta, cos_theta_y)_j when given)
     z_y = scale * target(cos_theta_y)
     ```
     ``scale`` is a float, a scalar tensor or a (batch, 1) tensor (SphereFace's |x|). Rows whose class id
     is outside [0, C) (possible only under XLA, where no check can raise: see ``_validation``) become NaN,
     so a bad label can never produce a plausible loss.
     """
-    z, _, valid = _logits_and_target(cos_theta, class_ids, target, scale)
+    z, _, valid = _logits_and_target(cos_theta, class_ids, target, scale, nontarget)
     return ops.where(valid[:, None], z, float("nan"))
 
 
-def margin_cross_entropy(cos_theta, class_ids, target: TargetFn, scale):
+def margin_cross_entropy(cos_theta, class_ids, target: TargetFn, scale, nontarget: NontargetFn | None = None):
     """Per-sample ``logsumexp(z) - z_y`` of ``margin_logits``, in float32; NaN for a class id outside [0, C).
 
     ``z_y`` is kept from building the target instead of being gathered back out of a (batch, C) matrix.
     Computed as ``softplus(logsumexp_{j != y}(z_j) - z_y)`` (the same value): its gradient w.r.t. z_y is
     ``-(1 - p_y)`` formed without the cancellation of ``p_y - 1``, so a well-classified sample's gradient
     keeps its float32 relative accuracy (``p_y - 1`` carries ~1e-7 absolute error whatever its size).
+    ``nontarget`` (default None: the cosines as they are) modifies the non-target cosines, as in
+    ``margin_logits``.
     """
     cos_theta = ops.cast(cos_theta, "float32")
     num_classes = cos_theta.shape[-1]
     is_target = _target_mask(class_ids, num_classes)
     cos_y = ops.sum(ops.where(is_target, cos_theta, 0.0), axis=-1)
     z_y = ops.reshape(scale * target(cos_y)[:, None], (-1,))  # scale: a number, () or (batch, 1)
-    lse_other = ops.logsumexp(ops.where(is_target, float("-inf"), scale * cos_theta), axis=-1)
+    other = cos_theta if nontarget is None else nontarget(cos_theta, cos_y[:, None])
+    lse_other = ops.logsumexp(ops.where(is_target, float("-inf"), scale * other), axis=-1)
     # Marked here and not only in the logits: XLA's CPU math does not promise NaN propagation through
     # exp/log, but a select of a NaN constant survives.
     return ops.where(_valid(class_ids, num_classes), ops.softplus(lse_other - z_y), float("nan"))
@@ -109,14 +115,15 @@ def _target_mask(class_ids, num_classes: int):
     return ops.equal(ops.arange(num_classes, dtype="int32")[None, :], class_ids[:, None])
 
 
-def _logits_and_target(cos_theta, class_ids, target: TargetFn, scale):
+def _logits_and_target(cos_theta, class_ids, target: TargetFn, scale, nontarget: NontargetFn | None = None):
     """(z (batch, C), z_y (batch,), valid (batch,)) for ``margin_logits``."""
     cos_theta = ops.cast(cos_theta, "float32")
     num_classes = cos_theta.shape[-1]
     is_target = _target_mask(class_ids, num_classes)
     cos_y = ops.sum(ops.where(is_target, cos_theta, 0.0), axis=-1)
     target_cos = target(cos_y)
-    z = scale * ops.where(is_target, target_cos[:, None], cos_theta)
+    other = cos_theta if nontarget is None else nontarget(cos_theta, cos_y[:, None])
+    z = scale * ops.where(is_target, target_cos[:, None], other)
     z_y = ops.reshape(scale * target_cos[:, None], (-1,))  # scale: a number, () or (batch, 1)
     return z, z_y, _valid(class_ids, num_classes)
 

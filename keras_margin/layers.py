@@ -8,16 +8,20 @@ with ``fused_loss=True``, adds and returns its own (optionally chunked or class-
 from __future__ import annotations
 
 import keras
+import numpy as np
 from keras import initializers, ops
 
 from keras_margin import _validation, chunked, losses, sampling
 from keras_margin.core import cosine_matrix, margin_cross_entropy, margin_logits, margin_softmax_loss, sparse_labels
 from keras_margin.margins import (
+    adacos,
+    adaface,
     amsoftmax,
     amsoftmax_target,
     arcface,
     arcface_target,
     combined_margin_target,
+    curricularface,
     normface,
     normface_agents,
     normface_target,
@@ -38,6 +42,10 @@ __all__ = [
     "ArcFaceHead",
     "CombinedMarginHead",
     "NormFaceContrastiveHead",
+    "SubCenterArcFaceHead",
+    "CurricularFaceHead",
+    "AdaCosHead",
+    "AdaFaceHead",
 ]
 
 
@@ -794,6 +802,125 @@ class CombinedMarginHead(MarginHead):
 
 @_document_head
 @keras.saving.register_keras_serializable(package="keras_margin")
+class SubCenterArcFaceHead(ArcFaceHead):
+    """Sub-center ArcFace head (Deng et al. 2020, ECCV, "Sub-center ArcFace"): k sub-centers per class.
+
+    Formula:
+    ```
+    cos(theta_j) = max_{c < k} <x / |x|, W[:, j*k + c] / |W[:, j*k + c]|>     (kernel (d, num_classes * k))
+    z_y = s * cos(theta_y + m)   (ArcFace's target, with its monotone fallback)
+    z_j = s * cos(theta_j)       (j != y)
+    ```
+    Column ``j * k + c`` is sub-center ``c`` of class ``j`` (InsightFace's layout: a (C*k)-way FC reshaped to
+    (C, k) and max-pooled). ``head(x)`` returns the max-pooled (batch, num_classes) cosines, so ``loss`` is
+    ``ArcFaceLoss(s, m)``. After training, ``dominant_kernel(x, labels)`` keeps each class's dominant
+    sub-center (the one most of the class's samples are closest to; paper Sec. 3.2) and returns a
+    (d, num_classes) kernel for an ``ArcFaceHead`` (``to_arcface_head`` builds one).
+
+    Paths: dense, ``fused_loss=True`` (unchunked). ``chunk_size`` and ``sample_rate`` raise a ValueError:
+    the fused chunked/sampled loss (``keras_margin.chunked``) takes one kernel column per class and has no
+    max-pooling over sub-centers.
+
+    Args:
+        num_classes: Integer, the number of classes, >= 2.
+        k: Integer, the number of sub-centers per class, >= 1. Defaults to `3` (the paper's).
+        s: Float, the scale, > 0. Defaults to `64.0`.
+        m: Float, the additive angular margin in radians, in [0, pi). Defaults to `0.5`.
+{{head_args}}
+
+{{call_forms}}
+
+    Example:
+    >>> import numpy as np, keras
+    >>> head = SubCenterArcFaceHead(2, k=2, s=10.0, m=0.5)
+    >>> _ = head(np.zeros((1, 2), "float32"))
+    >>> _ = head.kernel.assign(np.array([[1.0, 0.0, 0.0, -1.0], [0.0, 1.0, 1.0, 0.0]], "float32"))
+    >>> x = np.array([[0.0, 2.0]], "float32")  # class 0's second sub-center, class 1's first
+    >>> np.round(keras.ops.convert_to_numpy(head(x)), 3)
+    array([[1., 1.]], dtype=float32)
+    >>> head.dominant_kernel(np.array([[0.0, 1.0], [0.0, 1.0], [-1.0, 0.0]], "float32"), np.array([0, 0, 1]))
+    array([[ 0., -1.],
+           [ 1.,  0.]], dtype=float32)
+
+    Reference:
+        Deng et al., "Sub-center ArcFace: Boosting Face Recognition by Large-Scale Noisy Web Faces", ECCV 2020
+        (Sec. 3.1-3.2, k = 3, s = 64, m = 0.5). Authors' code: https://github.com/deepinsight/insightface
+        (the sub-center option of `recognition/arcface_mxnet`).
+    """
+
+    def __init__(self, num_classes: int, k: int = 3, s: float = arcface.DEFAULT_S, m: float = arcface.DEFAULT_M,
+                 **kwargs):
+        owner = type(self).__name__
+        self.k = _validation.check_count(owner, "k", k, minimum=1)
+        if kwargs.get("chunk_size") is not None or float(kwargs.get("sample_rate", 1.0)) < 1.0:
+            raise ValueError(
+                f"{owner}: `chunk_size` and `sample_rate` are not supported: the chunked and class-sampled "
+                "fused losses take one kernel column per class and cannot max-pool over the k sub-centers; use "
+                "fused_loss=True alone, or train with k sub-centers and then to_arcface_head()."
+            )
+        super().__init__(num_classes, s=s, m=m, **kwargs)
+
+    def build(self, input_shape):
+        shape = self._embedding_shape(input_shape)
+        if len(shape) != 2 or shape[-1] is None:
+            raise ValueError(
+                f"{type(self).__name__}: embeddings must have shape (batch, embedding_dim) with a known "
+                f"embedding_dim; got shape {shape}. Add keras.layers.Flatten() or a pooling layer first."
+            )
+        self.kernel = self.add_weight(
+            name="kernel", shape=(shape[-1], self.units * self.k), initializer=self.kernel_initializer,
+            regularizer=self.kernel_regularizer, constraint=self.kernel_constraint,
+        )
+
+    def subcenter_cosines(self, x):
+        """cos(theta) to every sub-center, (batch, num_classes, k) float32."""
+        _validation.check_embeddings(type(self).__name__, x, self.kernel.shape[0])
+        cos = cosine_matrix(x, self.kernel, self.compute_dtype)
+        return ops.reshape(cos, (-1, self.units, self.k))
+
+    def cosine(self, x):
+        cos = self.subcenter_cosines(x)
+        return cos[:, :, 0] if self.k == 1 else ops.max(cos, axis=-1)
+
+    def per_sample_loss(self, x, class_ids, training: bool = False):
+        """Per-sample loss (batch,) on the max-pooled cosines (the unchunked fused path)."""
+        target = self.training_target() if training else (lambda c: c)
+        return margin_cross_entropy(self.cosine(x), ops.cast(class_ids, "int32"), target, self.scale(x))
+
+    def dominant_kernel(self, embeddings, labels) -> np.ndarray:
+        """(d, num_classes) kernel of each class's dominant sub-center, from training embeddings and labels.
+
+        For each sample, its class's closest sub-center gets a vote; the sub-center with most votes is kept
+        (ties: the lowest index; a class without samples keeps sub-center 0).
+        """
+        if not self.built:
+            raise ValueError(f"{type(self).__name__}: dominant_kernel needs a built head (call it once first).")
+        cos = ops.convert_to_numpy(self.subcenter_cosines(embeddings))
+        ids = np.asarray(ops.convert_to_numpy(labels)).reshape(-1).astype("int64")
+        if ids.shape[0] != cos.shape[0] or ids.min(initial=0) < 0 or ids.max(initial=0) >= self.units:
+            raise ValueError(f"{type(self).__name__}: `labels` must be {cos.shape[0]} class ids in "
+                             f"[0, {self.units}); got shape {ids.shape}.")
+        closest = np.argmax(cos[np.arange(ids.shape[0]), ids], axis=-1)
+        votes = np.zeros((self.units, self.k), "int64")
+        np.add.at(votes, (ids, closest), 1)
+        dominant = np.argmax(votes, axis=-1)
+        kernel = ops.convert_to_numpy(self.kernel).reshape(-1, self.units, self.k)
+        return np.ascontiguousarray(kernel[:, np.arange(self.units), dominant]).astype("float32")
+
+    def to_arcface_head(self, embeddings, labels) -> ArcFaceHead:
+        """A built ``ArcFaceHead(num_classes, s, m)`` whose kernel is ``dominant_kernel(embeddings, labels)``."""
+        kernel = self.dominant_kernel(embeddings, labels)
+        head = ArcFaceHead(self.units, s=self.s, m=self.m)
+        head.build((None, kernel.shape[0]))
+        head.kernel.assign(kernel)
+        return head
+
+    def get_config(self):
+        return {**super().get_config(), "k": self.k}
+
+
+@_document_head
+@keras.saving.register_keras_serializable(package="keras_margin")
 class NormFaceContrastiveHead(NormFaceHead):
     """NormFace's best objective (Wang et al. 2017, Sec. 4-5): normalized softmax + weighted C-contrastive.
 
@@ -902,3 +1029,363 @@ class NormFaceContrastiveHead(NormFaceHead):
             config.pop(key)
         return {**config, "margin": self.margin, "agent_weight": self.agent_weight,
                 "agent_initializer": initializers.serialize(self.agent_initializer)}
+
+
+_STATEFUL_CALL_FORMS = """\
+    Call arguments:
+        inputs: The embeddings `x` alone, or the list `[x, labels]` with labels as integer class ids
+            `(batch,)` / `(batch, 1)` or one-hot `(batch, num_classes)`.
+        training: Boolean; with `[x, labels]`, whether to apply the objective and update its statistic.
+            Defaults to `None` (neither).
+
+    Call forms (the statistic needs the labels, so training goes through `head([x, labels])`):
+        - `head(x)`: cos(theta), for inference and accuracy.
+        - `head([x, labels], training=True)`: the objective's logits (the statistic updated first), for
+          `keras.losses.SparseCategoricalCrossentropy(from_logits=True)`; `training` False or `None` gives
+          `scale * cos(theta)` with the statistic as it is.
+        - With `fused_loss=True`, `head([x, labels], training=...)`: the per-sample loss `(batch,)`, its mean
+          also added with `add_loss` (compile with `loss=None`).
+
+    Input shape:
+        `(batch_size, embedding_dim)`, or `[(batch_size, embedding_dim), (batch_size,)]`.
+
+    Output shape:
+        `(batch_size, num_classes)` float32 cosines or logits; `(batch_size,)` with `fused_loss=True`."""
+
+
+def _stateful_call_forms(cls):
+    """Fill a batch-statistic head's ``{{stateful_call_forms}}`` placeholder (before ``_document_head``)."""
+    cls.__doc__ = cls.__doc__.replace("{{stateful_call_forms}}", _STATEFUL_CALL_FORMS)
+    return cls
+
+
+class _BatchStatisticHead(MarginHead):
+    """The call path of a head whose objective reads a statistic of the training batch kept in non-trainable
+    weights (saved in ``.keras`` files): ``objective(cos_theta, class_ids, training, x)`` updates the statistic
+    (training calls only) and returns ``(target, nontarget, scale)`` for ``core.margin_logits`` /
+    ``core.margin_cross_entropy``. The chunked fused loss is not available (``keras_margin.chunked`` has no
+    non-target hook); the class-sampled one is where the objective allows it (``_SAMPLING``)."""
+
+    _SAMPLING = False
+    _UNSUPPORTED = ""
+
+    def __init__(self, num_classes: int, s, **kwargs):
+        owner = type(self).__name__
+        if kwargs.get("chunk_size") is not None or (not self._SAMPLING and float(kwargs.get("sample_rate", 1.0)) < 1.0):
+            raise ValueError(f"{owner}: {self._UNSUPPORTED}")
+        super().__init__(num_classes, s=s, **kwargs)
+
+    def objective(self, cos_theta, class_ids, training: bool, x):
+        raise NotImplementedError
+
+    def call(self, inputs, training=None):
+        if not isinstance(inputs, (list, tuple)):
+            return self.cosine(inputs)
+        if len(inputs) != 2:
+            raise ValueError(
+                f"{type(self).__name__}: expected embeddings or [embeddings, labels]; got {len(inputs)} inputs."
+            )
+        x, labels = inputs
+        if self.fused_loss:
+            _validation.check_embeddings(type(self).__name__, x, self.kernel.shape[0])
+            class_ids = sparse_labels(type(self).__name__, labels, self.units, batch=x.shape[0])
+            per_sample = self.per_sample_loss(x, class_ids, training=bool(training))
+            self.add_loss(ops.mean(per_sample))
+            return per_sample
+        cos_theta = self.cosine(x)
+        class_ids = sparse_labels(type(self).__name__, labels, self.units, batch=x.shape[0])
+        target, nontarget, scale = self.objective(cos_theta, class_ids, bool(training), x)
+        return margin_logits(cos_theta, class_ids, target, scale, nontarget=nontarget)
+
+    def per_sample_loss(self, x, class_ids, training: bool = False):
+        """Per-sample loss (batch,) of embeddings and int32 class ids (unchunked; class-sampled if allowed)."""
+        kernel, class_ids = self.kernel, ops.cast(class_ids, "int32")
+        if training and self.sample_rate < 1.0:
+            num_sampled = sampling.num_sampled_classes(self.units, self.sample_rate, x.shape[0])
+            if num_sampled < self.units:
+                sampled, class_ids = sampling.sample_classes(class_ids, self.units, num_sampled, self.seed_generator)
+                kernel = ops.take(kernel, sampled, axis=1)
+        _validation.check_embeddings(type(self).__name__, x, kernel.shape[0])
+        cos_theta = cosine_matrix(x, kernel, self.compute_dtype)
+        target, nontarget, scale = self.objective(cos_theta, class_ids, training, x)
+        return margin_cross_entropy(cos_theta, class_ids, target, scale, nontarget=nontarget)
+
+    def _no_cosine_loss(self, statistic: str):
+        return ValueError(
+            f"{type(self).__name__}: its {statistic} is a statistic of each training batch's target cosines, which "
+            "a cosine-path loss given to compile() cannot update (on JAX, variables a loss assigns are dropped). "
+            "Build a functional model on [embeddings, labels] and call head([embeddings, labels], training=True) "
+            "(see the class docstring)."
+        )
+
+
+def _target_cosines(cos_theta, class_ids):
+    """cos(theta_y) (batch,) of (batch, C) cosines and int32 class ids."""
+    is_target = ops.equal(ops.arange(cos_theta.shape[-1], dtype="int32")[None, :], class_ids[:, None])
+    return ops.sum(ops.where(is_target, cos_theta, 0.0), axis=-1)
+
+
+@_document_head
+@_stateful_call_forms
+@keras.saving.register_keras_serializable(package="keras_margin")
+class CurricularFaceHead(_BatchStatisticHead):
+    """CurricularFace head (Huang et al. 2020, CVPR, arXiv 2004.00288), as the authors' code runs it.
+
+    Formula (one training call; t is the non-trainable weight `t`, initially 0):
+    ```
+    t <- momentum * mean_i(cos(theta_{y_i})) + (1 - momentum) * t        (first; no gradient)
+    z_y = s * T(cos(theta_y)),  T = ArcFace's cos(theta_y + m), with its fallback cos(theta_y) - m sin(m)
+                                    where theta_y > pi - m
+    z_j = s * cos(theta_j) * (t + cos(theta_j))   if cos(theta_j) > cos(theta_y + m)   (a hard negative)
+        = s * cos(theta_j)                        otherwise                            (j != y)
+    ```
+    Where the code and the paper differ, the head follows the code (``head/metrics.py``): t is updated in
+    every training call BEFORE the hard negatives are re-weighted, with weight 0.01 on the batch mean
+    (``momentum``); the hard-negative test uses the plain ``cos(theta_y + m)``, not the fallback. Calls with
+    ``training`` False or None leave t as it is and give ``s * cos(theta)`` (the code has no such mode:
+    it always applies the objective). ``head.loss`` raises: t needs the labels in the forward pass.
+
+    Paths: dense logits, ``fused_loss=True`` (unchunked) and ``sample_rate`` < 1 (Partial FC: t reads only
+    the targets, which are always sampled; hard negatives are those among the sampled classes).
+    ``chunk_size`` raises a ValueError (``keras_margin.chunked`` has no non-target hook).
+
+    Args:
+        num_classes: Integer, the number of classes, >= 2.
+        s: Float, the scale, > 0. Defaults to `64.0`.
+        m: Float, the additive angular margin in radians, in [0, pi). Defaults to `0.5`.
+        momentum: Float in (0, 1], the batch mean's weight in t's moving average. Defaults to `0.01`
+            (the authors' code).
+{{head_args}}
+
+{{stateful_call_forms}}
+
+    Example:
+    >>> import numpy as np, keras
+    >>> head = CurricularFaceHead(3, s=10.0, m=0.5, kernel_initializer="identity")
+    >>> x, y = np.array([[2.0, 0.0, 0.0], [0.0, 1.0, 1.0]], "float32"), np.array([0, 1])
+    >>> np.round(keras.ops.convert_to_numpy(head([x, y], training=True)), 3)
+    array([[8.773, 0.   , 0.   ],
+           [0.   , 2.815, 5.06 ]], dtype=float32)
+    >>> round(float(keras.ops.convert_to_numpy(head.t)), 5)  # 0.01 * mean(1, 0.7071)
+    0.00854
+
+    Reference:
+        Huang et al., "CurricularFace: Adaptive Curriculum Learning Loss for Deep Face Recognition", CVPR 2020,
+        arXiv:2004.00288 (Sec. 3). Authors' code: https://github.com/HuangYG123/CurricularFace
+        (`head/metrics.py`, `CurricularFace`).
+    """
+
+    _SAMPLING = True
+    _UNSUPPORTED = ("`chunk_size` is not supported: the chunked fused loss (keras_margin.chunked) has no hook for "
+                    "the re-weighted hard negatives; use fused_loss=True alone or with sample_rate.")
+
+    def __init__(self, num_classes: int, s: float = curricularface.DEFAULT_S, m: float = curricularface.DEFAULT_M,
+                 momentum: float = curricularface.DEFAULT_MOMENTUM, **kwargs):
+        params = curricularface.check_curricularface_parameters(type(self).__name__, s, m, momentum)
+        super().__init__(num_classes, s=params["s"], **kwargs)
+        self.m, self.momentum = params["m"], params["momentum"]
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self.t = self.add_weight(name="t", shape=(), dtype="float32",
+                                 initializer=initializers.Constant(curricularface.DEFAULT_T), trainable=False)
+
+    def target(self, cos_theta_y):
+        return curricularface.curricularface_target(cos_theta_y, self.m)
+
+    def objective(self, cos_theta, class_ids, training: bool, x=None):
+        if not training:
+            return normface_target, None, self.s
+        t = curricularface.curricularface_t(ops.cast(self.t, "float32"), _target_cosines(cos_theta, class_ids),
+                                            self.momentum)
+        self.t.assign(t)
+        return self.target, lambda cos, cos_y: curricularface.curricularface_nontarget(cos, cos_y, t, self.m), self.s
+
+    def make_loss(self):
+        raise self._no_cosine_loss("curriculum parameter t")
+
+    def get_config(self):
+        return {**super().get_config(), "m": self.m, "momentum": self.momentum}
+
+
+@_document_head
+@_stateful_call_forms
+@keras.saving.register_keras_serializable(package="keras_margin")
+class AdaCosHead(_BatchStatisticHead):
+    """AdaCos head (Zhang et al. 2019, CVPR, arXiv 1905.00292): no margin, an adaptive scale.
+
+    Formula (one training call; s is the non-trainable weight `s`, initially sqrt(2) * log(C - 1)):
+    ```
+    B_avg = (1 / N) sum_i sum_{j != y_i} exp(s * cos(theta_ij))          (the previous s; no gradient)
+    s <- log(B_avg) / cos(min(pi / 4, median_i theta_{i, y_i}))
+    z_j = s * cos(theta_j)   for all j (the new s)
+    ```
+    ``adaptive=False`` is the paper's fixed AdaCos: ``s = sqrt(2) * log(C - 1)`` throughout (then ``head.loss``
+    is ``NormFaceLoss(s)``). With ``adaptive=True`` ``head.loss`` raises: the update needs the labels.
+
+    The reference code (4uiiurz1/pytorch-adacos ``metrics.py``, a widely used independent implementation, not
+    the authors') matches the paper's dynamic scale except: ``torch.median`` returns the LOWER of the two middle
+    angles of an even batch (``median="lower"``; the default ``"midpoint"`` is the usual median, their mean),
+    and it updates s in every call that has labels, evaluation included (the head only in training calls). The statistic sums over every class of the
+    batch, so ``chunk_size`` and ``sample_rate`` raise a ValueError (a class-sampled B_avg is another statistic;
+    a chunked one needs a second pass over the classes, which ``keras_margin.chunked`` does not make).
+
+    Args:
+        num_classes: Integer, the number of classes, >= 3 (the fixed scale is 0 for 2).
+        s: Float > 0 or `None`, the initial (or fixed) scale. Defaults to `None`: sqrt(2) * log(num_classes - 1).
+        median: `"midpoint"` or `"lower"` (the reference code's `torch.median`). Defaults to `"midpoint"`.
+        adaptive: Boolean; update s in each training call. Defaults to `True`.
+        fused_loss: Boolean. When True, `head([x, labels], training=...)` returns the per-sample loss
+            `(batch,)` and adds its batch mean with `add_loss` (compile with `loss=None`). Defaults to `False`.
+{{kernel_args}}
+        **kwargs: Base layer keyword arguments, such as `name` and `dtype`.
+
+{{stateful_call_forms}}
+
+    Example:
+    >>> import numpy as np, keras
+    >>> head = AdaCosHead(3, kernel_initializer="identity")
+    >>> x, y = np.array([[2.0, 0.0, 0.0], [0.0, 1.0, 1.0]], "float32"), np.array([0, 1])
+    >>> round(head.s, 4)  # sqrt(2) * log(2), the initial s
+    0.9803
+    >>> np.round(keras.ops.convert_to_numpy(head([x, y], training=True)), 3)
+    array([[0.992, 0.   , 0.   ],
+           [0.   , 0.701, 0.701]], dtype=float32)
+    >>> round(float(keras.ops.convert_to_numpy(head.adaptive_scale)), 4)  # log(2.5) / cos(pi / 8)
+    0.9919
+
+    Reference:
+        Zhang et al., "AdaCos: Adaptively Scaling Cosine Logits for Effectively Learning Deep Face
+        Representations", CVPR 2019, arXiv:1905.00292 (the fixed and the dynamic scale). Reference code:
+        https://github.com/4uiiurz1/pytorch-adacos (`metrics.py`, `AdaCos`).
+    """
+
+    _UNSUPPORTED = ("`chunk_size` and `sample_rate` are not supported: the adaptive scale's B_avg sums exp(s cos) "
+                    "over every class of the batch; use fused_loss=True alone.")
+
+    def __init__(self, num_classes: int, s: float | None = None, median: str = adacos.DEFAULT_MEDIAN,
+                 adaptive: bool = adacos.DEFAULT_ADAPTIVE, **kwargs):
+        params = adacos.check_adacos_parameters(type(self).__name__, num_classes, s, median, adaptive)
+        super().__init__(num_classes, s=params["s"], **kwargs)
+        self.median, self.adaptive = params["median"], params["adaptive"]
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        if self.adaptive:
+            self.adaptive_scale = self.add_weight(name="s", shape=(), dtype="float32",
+                                                  initializer=initializers.Constant(self.s), trainable=False)
+
+    def scale(self, x=None):
+        return ops.cast(self.adaptive_scale, "float32") if self.adaptive else self.s
+
+    def target(self, cos_theta_y):
+        return normface_target(cos_theta_y)
+
+    def objective(self, cos_theta, class_ids, training: bool, x=None):
+        if not (training and self.adaptive):
+            return normface_target, None, self.scale()
+        is_target = ops.equal(ops.arange(self.units, dtype="int32")[None, :], class_ids[:, None])
+        s = adacos.adacos_scale(cos_theta, is_target, self.scale(), self.median)
+        self.adaptive_scale.assign(s)
+        return normface_target, None, s
+
+    def make_loss(self):
+        if self.adaptive:
+            raise self._no_cosine_loss("adaptive scale s")
+        return losses.NormFaceLoss(s=self.s)
+
+    def get_config(self):
+        config = super().get_config()
+        for key in ("chunk_size", "sample_rate"):
+            config.pop(key)
+        return {**config, "median": self.median, "adaptive": self.adaptive}
+
+
+@_document_head
+@_stateful_call_forms
+@keras.saving.register_keras_serializable(package="keras_margin")
+class AdaFaceHead(_BatchStatisticHead):
+    """AdaFace head (Kim et al. 2022, CVPR, arXiv 2204.00964), as the authors' ``head.py`` runs it.
+
+    Formula (one training call; batch_mean, batch_std: non-trainable weights, initially 20 and 100):
+    ```
+    n_i = clip(|x_i|, 0.001, 100)                                              (no gradient)
+    batch_mean <- t_alpha * mean(n) + (1 - t_alpha) * batch_mean               (first)
+    batch_std  <- t_alpha * std(n)  + (1 - t_alpha) * batch_std                (unbiased std)
+    z_i = clip(h * (n_i - batch_mean) / (batch_std + eps), -1, 1)              eps = 1e-3
+    z_y = s * (cos(clip(theta_y - m z_i, eps, pi - eps)) - (m + m z_i)),  theta_y = arccos(clip(cos_y, +-(1 - eps)))
+    z_j = s * clip(cos(theta_j), -1 + eps, 1 - eps)                            (j != y)
+    ```
+    The norm is that of the head's input embeddings (the code takes the backbone's norm as a second input and the
+    normalized embeddings: the same numbers). Where the code and the paper differ the head follows the code:
+    the statistics are updated BEFORE the margin uses them, ``std`` is torch's unbiased one (a training batch
+    needs >= 2 samples: a batch of 1 gives NaN, as the code's). The default ``t_alpha`` = 0.01 is the released
+    training configuration (``head.py``'s own default, 1.0, uses each batch's statistics alone). Calls with
+    ``training`` False or None leave the statistics as they are and give ``s * cos(theta)`` (the code has no such
+    mode). ``head.loss`` raises: the statistics and the margin need the labels and the norms.
+
+    Paths: dense logits, ``fused_loss=True`` (unchunked) and ``sample_rate`` < 1 (the statistics read only the
+    norms). ``chunk_size`` raises a ValueError (``keras_margin.chunked`` has no non-target hook for the clamp).
+
+    Args:
+        num_classes: Integer, the number of classes, >= 2.
+        s: Float, the scale, > 0. Defaults to `64.0`.
+        m: Float, the margin, in [0, pi / 2]. Defaults to `0.4`.
+        h: Float > 0, the concentration of the margin scaler (~68 % of samples in [-h, h]). Defaults to `0.333`.
+        t_alpha: Float in (0, 1], the batch statistics' weight in their moving averages. Defaults to `0.01`.
+{{head_args}}
+
+{{stateful_call_forms}}
+
+    Example:
+    >>> import numpy as np, keras
+    >>> head = AdaFaceHead(3, s=10.0, t_alpha=1.0, kernel_initializer="identity")
+    >>> x, y = np.array([[2.0, 0.0, 0.0], [0.0, 1.0, 1.0]], "float32"), np.array([0, 1])
+    >>> np.round(keras.ops.convert_to_numpy(head([x, y], training=True)), 3)
+    array([[5.06 , 0.   , 0.   ],
+           [0.   , 3.316, 7.071]], dtype=float32)
+    >>> round(float(keras.ops.convert_to_numpy(head.batch_mean)), 4)  # mean(2, sqrt(2))
+    1.7071
+
+    Reference:
+        Kim et al., "AdaFace: Quality Adaptive Margin for Face Recognition", CVPR 2022, arXiv:2204.00964
+        (Sec. 3). Authors' code: https://github.com/mk-minchul/AdaFace (`head.py`, `AdaFace`; `config.py`).
+    """
+
+    _SAMPLING = True
+    _UNSUPPORTED = ("`chunk_size` is not supported: the chunked fused loss (keras_margin.chunked) has no hook for "
+                    "the non-target cosines' clamp; use fused_loss=True alone or with sample_rate.")
+
+    def __init__(self, num_classes: int, s: float = adaface.DEFAULT_S, m: float = adaface.DEFAULT_M,
+                 h: float = adaface.DEFAULT_H, t_alpha: float = adaface.DEFAULT_T_ALPHA, **kwargs):
+        params = adaface.check_adaface_parameters(type(self).__name__, s, m, h, t_alpha)
+        super().__init__(num_classes, s=params["s"], **kwargs)
+        self.m, self.h, self.t_alpha = params["m"], params["h"], params["t_alpha"]
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self.batch_mean = self.add_weight(name="batch_mean", shape=(), dtype="float32", trainable=False,
+                                          initializer=initializers.Constant(adaface.INITIAL_BATCH_MEAN))
+        self.batch_std = self.add_weight(name="batch_std", shape=(), dtype="float32", trainable=False,
+                                         initializer=initializers.Constant(adaface.INITIAL_BATCH_STD))
+
+    def objective(self, cos_theta, class_ids, training: bool, x=None):
+        if not training:
+            return normface_target, None, self.s
+        if x.shape[0] == 1:
+            raise ValueError(f"{type(self).__name__}: a training batch needs >= 2 samples (the norm statistics use "
+                             "the unbiased std); got a batch of 1.")
+        norms = adaface.safe_norms(x)
+        mean, std = adaface.adaface_statistics(norms, ops.cast(self.batch_mean, "float32"),
+                                               ops.cast(self.batch_std, "float32"), self.t_alpha)
+        self.batch_mean.assign(mean)
+        self.batch_std.assign(std)
+        scaler = adaface.margin_scaler(norms, mean, std, self.h)
+        return (lambda cos_y: adaface.adaface_target(cos_y, scaler, self.m)), \
+            (lambda cos, cos_y: adaface.adaface_nontarget(cos)), self.s
+
+    def make_loss(self):
+        raise self._no_cosine_loss("norm statistics (and its per-sample margin)")
+
+    def get_config(self):
+        return {**super().get_config(), "m": self.m, "h": self.h, "t_alpha": self.t_alpha}

@@ -357,3 +357,76 @@ def central_difference(fn, x, step=1e-6):
         flat[i] = saved
         grad_flat[i] = (up - down) / (2.0 * step)
     return grad
+
+
+# --------------------------------------------------------------------------------------------------
+# Objectives with a batch statistic (issue 16), transcribed from the released code
+#
+# - CurricularFace: Y. Huang, Y. Wang, Y. Tai, X. Liu, P. Shen, S. Li, J. Li, F. Huang, "CurricularFace: Adaptive
+#   Curriculum Learning Loss for Deep Face Recognition", CVPR 2020, arXiv 2004.00288; code
+#   github.com/HuangYG123/CurricularFace (``head/metrics.py``, ``CurricularFace.forward``).
+# - AdaCos: X. Zhang, R. Zhao, Y. Qiao, X. Wang, H. Li, "AdaCos: Adaptively Scaling Cosine Logits for Effectively
+#   Learning Deep Face Representations", CVPR 2019, arXiv 1905.00292 (Eqs. 15-16); code
+#   github.com/4uiiurz1/pytorch-adacos (``metrics.py``, ``AdaCos.forward``).
+
+def curricularface_forward(cos, labels, t, s=64.0, m=0.5, update=True):
+    """One ``CurricularFace.forward`` of the authors' code, float64: (logits, t after the call).
+
+    ``update=False`` keeps ``t`` as given (for finite differences, where the code's ``no_grad`` update is a
+    constant)."""
+    cos = np.clip(np.array(cos, dtype=np.float64), -1.0, 1.0)
+    rows, labels = np.arange(cos.shape[0]), sparse_labels(labels, cos.shape[1])
+    target = cos[rows, labels].reshape(-1, 1)
+    sin_theta = np.sqrt(1.0 - target ** 2)
+    cos_theta_m = target * np.cos(m) - sin_theta * np.sin(m)
+    mask = cos > cos_theta_m
+    final_target = np.where(target > np.cos(np.pi - m), cos_theta_m, target - np.sin(np.pi - m) * m)
+    if update:
+        t = target.mean() * 0.01 + (1 - 0.01) * t
+    out = cos.copy()
+    out[mask] = cos[mask] * (t + cos[mask])
+    out[rows, labels] = final_target[:, 0]
+    return out * s, t
+
+
+def adacos_initial_scale(num_classes):
+    """``self.s = math.sqrt(2) * math.log(num_classes - 1)``."""
+    return np.sqrt(2.0) * np.log(num_classes - 1)
+
+
+def adacos_forward(cos, labels, s, median="lower", update=True):
+    """One ``AdaCos.forward`` (with labels) of the reference code, float64: (logits, s after the call).
+
+    ``median="lower"`` is ``torch.median`` (the lower middle value of an even count), ``"midpoint"`` NumPy's."""
+    cos = np.array(cos, dtype=np.float64)
+    labels = sparse_labels(labels, cos.shape[1])
+    if update:
+        theta = np.arccos(np.clip(cos, -1.0 + 1e-7, 1.0 - 1e-7))
+        one_hot = np.zeros_like(cos)
+        one_hot[np.arange(cos.shape[0]), labels] = 1.0
+        b_avg = np.sum(np.where(one_hot < 1, np.exp(s * cos), 0.0)) / cos.shape[0]
+        target_theta = np.sort(theta[one_hot == 1])
+        theta_med = (target_theta[(target_theta.size - 1) // 2] if median == "lower" else np.median(target_theta))
+        s = np.log(b_avg) / np.cos(min(np.pi / 4, theta_med))
+    return s * cos, s
+
+
+def adaface_forward(embeddings, cos, labels, batch_mean, batch_std, s=64.0, m=0.4, h=0.333, t_alpha=0.01,
+                    update=True):
+    """One ``AdaFace.forward`` of the authors' code (github.com/mk-minchul/AdaFace ``head.py``; Kim, Jain, Liu,
+    "AdaFace: Quality Adaptive Margin for Face Recognition", CVPR 2022, arXiv 2204.00964), float64:
+    (logits, batch_mean, batch_std after the call). ``norms`` are those of ``embeddings``; ``cos`` its cosines."""
+    eps = 1e-3
+    cos = np.clip(np.array(cos, dtype=np.float64), -1 + eps, 1 - eps)
+    labels = sparse_labels(labels, cos.shape[1])
+    norms = np.linalg.norm(np.asarray(embeddings, dtype=np.float64), axis=1, keepdims=True)
+    safe_norms = np.clip(norms, 0.001, 100)
+    if update:
+        batch_mean = safe_norms.mean() * t_alpha + (1 - t_alpha) * batch_mean
+        batch_std = safe_norms.std(ddof=1) * t_alpha + (1 - t_alpha) * batch_std
+    margin_scaler = np.clip((safe_norms - batch_mean) / (batch_std + eps) * h, -1, 1)
+    one_hot = np.zeros_like(cos)
+    one_hot[np.arange(cos.shape[0]), labels] = 1.0
+    theta_m = np.clip(np.arccos(cos) + one_hot * (m * margin_scaler * -1), eps, np.pi - eps)
+    cos = np.cos(theta_m) - one_hot * (m + m * margin_scaler)
+    return cos * s, batch_mean, batch_std

@@ -37,6 +37,14 @@ HEAD_CASES = {
     "CombinedMarginHead": [("", {}, 1, 0, ()), ("m1", {"m1": 1.35, "m2": 0.2, "m3": 0.1}, 1, 0, (), _VARIANT)],
     "NormFaceContrastiveHead": [("", {}, 3, 0, ("cosine",),
                                  {"forms": _UNFUSED_AND_FUSED, "label_forms_add_loss": True})],
+    # No chunked / class-sampled fused loss: those take one kernel column per class (see its docstring).
+    "SubCenterArcFaceHead": [("", {}, 1, 0, (), {"forms": _UNFUSED_AND_FUSED})],
+    # A batch statistic (t, s) updated from the labels: no cosine-path loss; no chunked fused loss (no non-target
+    # hook in keras_margin.chunked); AdaCos' statistic sums over every class, so no class sampling either.
+    "CurricularFaceHead": [("", {}, 1, 1, ("cosine",), {"forms": _UNFUSED_AND_FUSED + ("fused_sampled_training",)})],
+    "AdaCosHead": [("", {}, 1, 1, ("cosine",), {"forms": _UNFUSED_AND_FUSED}),
+                   ("fixed", {"adaptive": False}, 1, 0, (), {"forms": ("cosine", "logits_training")})],
+    "AdaFaceHead": [("", {}, 1, 2, ("cosine",), {"forms": _UNFUSED_AND_FUSED + ("fused_sampled_training",)})],
 }
 
 
