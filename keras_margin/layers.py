@@ -1226,9 +1226,10 @@ class AdaCosHead(_BatchStatisticHead):
     The reference code (4uiiurz1/pytorch-adacos ``metrics.py``, a widely used independent implementation, not
     the authors') matches the paper's dynamic scale except: ``torch.median`` returns the LOWER of the two middle
     angles of an even batch (``median="lower"``; the default ``"midpoint"`` is the usual median, their mean),
-    and it updates s in every call that has labels, evaluation included (the head only in training calls). The statistic sums over every class of the
-    batch, so ``chunk_size`` and ``sample_rate`` raise a ValueError (a class-sampled B_avg is another statistic;
-    a chunked one needs a second pass over the classes, which ``keras_margin.chunked`` does not make).
+    and it updates s in every call that has labels, evaluation included (the head only in training calls). The
+    statistic sums over every class of the batch, so ``chunk_size`` and ``sample_rate`` raise a ValueError (a
+    class-sampled B_avg is another statistic; a chunked one needs a second pass over the classes, which
+    ``keras_margin.chunked`` does not make).
 
     Args:
         num_classes: Integer, the number of classes, >= 3 (the fixed scale is 0 for 2).
