@@ -37,7 +37,7 @@ def entry_points(group: str) -> list[importlib.metadata.EntryPoint]:
 
     Example:
     >>> sorted(ep.name for ep in entry_points(COMMANDS))
-    ['convert', 'export', 'verify']
+    ['convert', 'export', 'train', 'verify']
     """
     seen: dict[str, importlib.metadata.EntryPoint] = {}
     for point in importlib.metadata.entry_points(group=group):

@@ -52,9 +52,9 @@ def test_installed_version_is_the_package_version():
 def test_help_lists_every_subcommand_from_its_entry_point():
     code, out, _, _ = _run_in_fresh_python(["--help"])
     assert code == 0
-    for name in ("convert", "export", "verify"):
+    for name in ("convert", "export", "train", "verify"):
         assert name in out
-    assert [point.name for point in plugins.entry_points(plugins.COMMANDS)] == ["convert", "export", "verify"]
+    assert [point.name for point in plugins.entry_points(plugins.COMMANDS)] == ["convert", "export", "train", "verify"]
 
 
 def test_a_real_command_prints_only_its_own_lines(tmp_path):
