@@ -4,7 +4,9 @@ The floor is the three matrix products a linear classifier cannot avoid: forward
 (B, d) x (d, C), backward ``dX = dZ @ W^T`` and ``dW = X^T @ dZ``, timed in the same run, on the same
 backend, with the same jit setting. The head side is the package's own code, written in ``keras.ops``:
 ``head.stateless_call`` (cosines) followed by ``head.loss`` (margin + float32 cross-entropy), and its
-gradient w.r.t. the embeddings and the kernel. Only this timing harness is backend-specific:
+gradient w.r.t. the embeddings and the kernel; for the heads whose ``loss`` raises (CurricularFace, AdaCos,
+AdaFace, MagFace, L-Softmax: see ``HEADS``), the training call on ``[x, labels]`` and a cross-entropy of its logits.
+Only this timing harness is backend-specific:
 TensorFlow ``tf.function(jit_compile=True/False)`` + ``GradientTape``; JAX ``jax.value_and_grad``
 under ``jax.jit`` or op by op.
 
@@ -50,7 +52,18 @@ HEADS = {
     "amsoftmax": ("AMSoftmaxHead", {}),
     "x2softmax": ("X2SoftmaxHead", {}),
     "arcface": ("ArcFaceHead", {}),
+    "subcenter_arcface": ("SubCenterArcFaceHead", {}),
+    "curricularface": ("CurricularFaceHead", {}),
+    "adacos": ("AdaCosHead", {}),
+    "adaface": ("AdaFaceHead", {}),
+    "magface": ("MagFaceHead", {}),
+    "lsoftmax": ("LSoftmaxHead", {}),
 }
+# How each head's step is timed: "cosine" is stateless_call (cosines) + head.loss; "logits" (the heads whose
+# `loss` raises: their objective needs the labels or |x| in the forward pass) is the training call
+# stateless_call([x, labels], training=True) + a sparse float32 cross-entropy of its logits + the losses the call
+# adds (MagFace's lambda_g * mean(g)). The variables the call updates (t, s, the norm statistics, L-Softmax's
+# counter) are returned by stateless_call and dropped: every timed call starts from the same state.
 # Stages of the head path timed by --breakdown, each a prefix of the full computation.
 STAGES = {
     "cos": "cosine_matrix only (loss = sum(cos)): x normalization, (d, C) column norms, matmul",
@@ -153,7 +166,6 @@ def _loss_fn(config):
     """``(x, kernel, labels) -> scalar loss``, written with keras.ops / the package only."""
     from keras import ops
 
-    import keras_margin as km
     from keras_margin import core, losses
 
     objective, batch, dim = config["objective"], config["batch"], config["dim"]
@@ -173,17 +185,43 @@ def _loss_fn(config):
 
         return stage_loss
 
+    head = make_head(objective, num_classes, batch, dim)
+    non_trainable = [v.value for v in head.non_trainable_variables]
+    if head_form(head) == "cosine":
+        loss_object = head.loss
+
+        def head_loss(x, kernel, labels):
+            cos, _ = head.stateless_call([kernel], non_trainable, x)
+            return loss_object(labels, cos)
+
+        return head_loss
+
+    def head_logits_loss(x, kernel, labels):
+        logits, _, added = head.stateless_call([kernel], non_trainable, [x, labels], training=True,
+                                               return_losses=True)
+        per_sample = ops.logsumexp(logits, axis=-1) - ops.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
+        return ops.mean(per_sample) + sum(added, 0.0)
+
+    return head_logits_loss
+
+
+def make_head(objective: str, num_classes: int, batch: int, dim: int):
+    """The built head of ``objective`` at its defaults (``HEADS``)."""
+    import keras_margin as km
+
     class_name, kwargs = HEADS[objective]
     head = getattr(km, class_name)(num_classes, **kwargs)
     head.build((batch, dim))
-    loss_object = head.loss
-    non_trainable = [v.value for v in head.non_trainable_variables]
+    return head
 
-    def head_loss(x, kernel, labels):
-        cos, _ = head.stateless_call([kernel], non_trainable, x)
-        return loss_object(labels, cos)
 
-    return head_loss
+def head_form(head) -> str:
+    """"cosine" when ``head.loss`` exists, "logits" when it raises (see ``HEADS``)."""
+    try:
+        head.loss
+    except ValueError:
+        return "logits"
+    return "cosine"
 
 
 def _make_arrays(config) -> dict:
@@ -205,6 +243,12 @@ def _build_step(config, objective: str, arrays: dict, device_arrays: dict):
     names = ("x", "kernel", "dz") if is_floor else ("x", "kernel", "labels")
     if not is_floor:
         loss_fn = _loss_fn(config)
+        if config.get("stage") is None:
+            shape = tuple(make_head(objective, config["classes"], config["batch"], config["dim"]).kernel.shape)
+            if shape != arrays["kernel"].shape:  # Sub-center ArcFace: (d, k * C); the floor keeps (d, C)
+                rng = np.random.default_rng(config["seed"] + 1)
+                arrays["head_kernel"] = rng.standard_normal(shape, dtype=np.float32) / np.float32(np.sqrt(shape[0]))
+                names = ("x", "head_kernel", "labels")
 
     if backend == "tensorflow":
         import tensorflow as tf
@@ -407,7 +451,14 @@ def print_tables(results: list[dict], args, wall_s: float, load: tuple[float, fl
           "measures memory" + (" (default repetitions, reduced to fit ~10 min per backend on 2 cores)"
                                if args.reps is None else "")
           + ". Heads at their face defaults: normface s=30; sphereface m=4, "
-          "lambda=5, s=30 (cosine path); amsoftmax s=30 m=0.35; x2softmax s=64 a=-0.9 h=0 k=0.65; arcface s=64 m=0.5.")
+          "lambda=5, s=30 (cosine path); amsoftmax s=30 m=0.35; x2softmax s=64 a=-0.9 h=0 k=0.65; arcface s=64 m=0.5; "
+          "subcenter_arcface k=3 s=64 m=0.5 (kernel (d, 3C): its floor is the (d, C) one, so the ratio includes the "
+          "3x larger matmuls); curricularface s=64 m=0.5; adacos adaptive s; adaface s=64 m=0.4 h=0.333; magface "
+          "s=64 l_a=10 u_a=110 l_m=0.45 u_m=0.8 lambda_g=35; lsoftmax m=4 (un-normalized, annealed lambda). "
+          "Timed form: stateless_call (cosines) + head.loss, except curricularface, adacos, adaface, magface and "
+          "lsoftmax, whose loss needs the labels or |x| in the forward pass: the training call "
+          "stateless_call([x, labels], training=True) + sparse float32 cross-entropy of its logits + its added "
+          "losses (magface's regularizer).")
     print("floor ms: X@W (B,d)x(d,C), dZ@W^T, X^T@dZ, timed in the same child process as the head, its calls "
           "alternating with the head's; ratio = median over the (floor, head) call pairs of head time / floor "
           "time (target under XLA: <= 1.3x).")

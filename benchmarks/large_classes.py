@@ -1,29 +1,36 @@
-"""Very large class counts: peak memory and step time of the dense head path against the chunked and the
-class-sampled (Partial FC) fused loss, for AM-Softmax at batch 512, embedding 512.
+"""Very large class counts: step time and peak memory of the dense head path against the chunked (and,
+on request, the class-sampled) fused loss, for AM-Softmax at batch 256, embedding 512.
 
 One step is what the head costs inside a training step: the head's fused loss (``AMSoftmaxHead(C,
 fused_loss=True, chunk_size=..., sample_rate=...)`` through ``head.stateless_call``), its gradient
 w.r.t. the kernel and the embeddings (which a backbone would need), and an SGD update of the kernel,
 compiled by XLA (JAX: ``jax.jit`` with the kernel donated; TensorFlow: ``tf.function(jit_compile=True)``).
 The dense path is the same head with ``chunk_size=None``: cosines, margin logits and cross-entropy on
-the full (batch, C) matrix, as the label-aware form and the cosine-path losses compute them.
+the full (batch, C) matrix. The chunked paths are ``keras_margin.chunked``: "rows R" (``chunk_by="rows"``,
+R rows of the batch per chunk, each against every class, gradient formed in the forward pass: three matrix
+products) and "classes N" (``chunk_by="classes"``, N classes per chunk, running log-sum-exp and a recomputing
+backward pass: four products, least memory).
 
-Each configuration runs in a fresh interpreter. Memory, two ways:
+Each configuration runs in a fresh interpreter; the step time is the median of ``--reps`` steps after
+one warm-up step. Memory, two ways:
 - "XLA temp": the compiled step's temporary buffers from XLA's memory analysis
-  (``jax.jit(step).lower(...).compile().memory_analysis().temp_size_in_bytes``; JAX only). It is known
-  before anything runs, so it is also the estimate that decides whether the dense path can fit.
+  (``jax.jit(step).lower(...).compile().memory_analysis().temp_size_in_bytes``; JAX only, n/a on
+  TensorFlow, whose CPU build exposes no buffer assignment; on a GPU TensorFlow reports the device's
+  peak from ``tf.config.experimental.get_memory_info`` instead).
 - "RSS peak": the process's peak resident set growth (VmHWM in /proc/self/status) during the timed
   steps, over its RSS once the weights, inputs and compiled step exist and one warm-up step has run
   (freed heap trimmed with malloc_trim and the peak reset through /proc/self/clear_refs first).
 "Extra" is either figure minus the kernel gradient, (d x C) float32, which every path must hold: the
-issue's target is chunked extra <= 10% of dense extra, chunked time <= 1.3x dense.
+issue's targets are chunked extra <= 10% of dense extra, chunked time <= 1.05x dense at 85,742
+classes and below dense at 1,000,000.
 
 Usage:
-    python benchmarks/large_classes.py                              # both class counts, JAX
-    python benchmarks/large_classes.py --classes 85742 --reps 3
-    python benchmarks/large_classes.py --backend tensorflow         # RSS only (no XLA memory analysis)
+    KERAS_BACKEND=jax python benchmarks/large_classes.py                 # 10,516 and 85,742 classes
+    KERAS_BACKEND=tensorflow python benchmarks/large_classes.py --million  # also 1,000,000 classes
+    python benchmarks/large_classes.py --backend jax --classes 85742 --reps 5 --chunk-rows 32,64
     python benchmarks/large_classes.py --backend tensorflow --jit off   # TF without XLA (its CPU default)
-    python benchmarks/large_classes.py --quick                      # small sizes: a smoke test
+    python benchmarks/large_classes.py --paths dense,rows,classes,sampled  # both chunkings, Partial FC (0.1)
+    python benchmarks/large_classes.py --quick                          # small sizes: a smoke test
 """
 
 from __future__ import annotations
@@ -38,28 +45,30 @@ import sys
 import time
 from typing import Sequence
 
-PATHS = {  # name -> head options
-    "dense": {},
-    "chunked 8192": {"chunk_size": 8192},
-    "chunked 32768": {"chunk_size": 32768},
-    "sampled 0.1": {"sample_rate": 0.1},
-    "chunked 4096": {"chunk_size": 4096},  # not run by default
-    "sampled 0.1 + chunked 8192": {"sample_rate": 0.1, "chunk_size": 8192},  # not run by default
-}
-DEFAULT_PATHS = ["dense", "chunked 8192", "chunked 32768", "sampled 0.1"]
+DEFAULT_CHUNK_ROWS = 64  # rows per chunk; on CPU 64 beat 32 (each chunk rewrites the whole kernel gradient)
+DEFAULT_CHUNK_CLASSES = 8192  # classes per chunk
+SAMPLE_RATE = 0.1
 GIB, MIB = 2.0**30, 2.0**20
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", choices=["jax", "tensorflow"], default="jax")
-    parser.add_argument("--classes", default="85742,1000000", help="comma-separated class counts")
-    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--backend", choices=["jax", "tensorflow"], default=os.environ.get("KERAS_BACKEND", "jax"),
+                        help="defaults to $KERAS_BACKEND (else jax)")
+    parser.add_argument("--classes", default="10516,85742", help="comma-separated class counts")
+    parser.add_argument("--million", action="store_true", help="also run 1,000,000 classes")
+    parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--reps", type=int, default=3, help="timed steps after one warm-up step")
+    parser.add_argument("--reps", type=int, default=5, help="timed steps after one warm-up step (median)")
+    parser.add_argument("--chunk-rows", default=str(DEFAULT_CHUNK_ROWS),
+                        help="comma-separated chunk_size values (rows per chunk) for the 'rows' path")
+    parser.add_argument("--chunk-classes", default=str(DEFAULT_CHUNK_CLASSES),
+                        help="comma-separated chunk_size values (classes per chunk) for the 'classes' path")
     parser.add_argument("--jit", choices=["on", "off"], default="on",
                         help="TensorFlow only: off runs the step as a plain tf.function (Keras' CPU default)")
-    parser.add_argument("--paths", default=",".join(DEFAULT_PATHS), help=f"comma-separated, from {list(PATHS)}")
+    parser.add_argument("--paths", default="dense,rows,classes",
+                        help="comma-separated, from dense, rows (chunk_by='rows'), classes (chunk_by='classes'), "
+                             "sampled")
     parser.add_argument("--headroom", type=float, default=0.85,
                         help="run a configuration only if its estimate is below this share of MemAvailable")
     parser.add_argument("--quick", action="store_true", help="batch 64, dim 64, 20,000 classes, 1 rep")
@@ -68,7 +77,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.batch, args.dim, args.classes, args.reps = 64, 64, "20000", 1
+    if args.million:
+        args.classes += ",1000000"
     return args
+
+
+def path_options(path: str) -> dict:
+    """Head options of a path name: "dense", "rows R" (R rows per chunk), "classes N" (N classes per chunk),
+    "sampled" (Partial FC)."""
+    if path == "dense":
+        return {}
+    if path.startswith(("rows ", "classes ")):
+        by, size = path.split()
+        return {"chunk_size": int(size), "chunk_by": by}
+    if path == "sampled":
+        return {"sample_rate": SAMPLE_RATE}
+    raise ValueError(f"unknown path {path!r}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -101,7 +125,7 @@ def _reset_peak_rss() -> None:
 def _head(config: dict):
     import keras_margin as km
 
-    return km.AMSoftmaxHead(config["classes"], s=30.0, m=0.35, fused_loss=True, **PATHS[config["path"]])
+    return km.AMSoftmaxHead(config["classes"], s=30.0, m=0.35, fused_loss=True, **path_options(config["path"]))
 
 
 def _inputs(config: dict):
@@ -137,7 +161,11 @@ def _run_jax(config: dict) -> dict:
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(trainable, non_trainable, x).compile()
     analysis = compiled.memory_analysis()
     resident = analysis.argument_size_in_bytes + analysis.output_size_in_bytes - analysis.alias_size_in_bytes
-    result = {"xla_temp": analysis.temp_size_in_bytes, "estimate": resident + analysis.temp_size_in_bytes}
+    # Without donation: XLA copies a donated kernel that a while loop reads (one kernel-sized buffer,
+    # any loop, also a 10-line fori_loop), so the chunked paths are also shown without it.
+    plain = jax.jit(step).lower(trainable, non_trainable, x).compile().memory_analysis()
+    result = {"xla_temp": analysis.temp_size_in_bytes, "xla_temp_undonated": plain.temp_size_in_bytes,
+              "estimate": resident + analysis.temp_size_in_bytes}
     if result["estimate"] > config["headroom"] * _mem_available():
         return {**result, "skipped": f"estimated {result['estimate'] / GIB:.1f} GiB > {config['headroom']:.0%} "
                                      f"of MemAvailable {_mem_available() / GIB:.1f} GiB"}
@@ -157,7 +185,7 @@ def _run_tensorflow(config: dict) -> dict:
 
     # No XLA memory analysis here: estimate the dense path from the JAX figures (weights, gradient and
     # about five (batch, C) float32 buffers) and skip it when it cannot fit.
-    if not PATHS[config["path"]]:
+    if config["path"] == "dense":
         estimate = 4 * config["classes"] * (2 * config["dim"] + 5 * config["batch"])
         if estimate > config["headroom"] * _mem_available():
             return {"estimate": estimate, "skipped": f"estimated {estimate / GIB:.1f} GiB > "
@@ -187,7 +215,14 @@ def _run_tensorflow(config: dict) -> dict:
         _ = d_x.numpy()
         return state, time.perf_counter() - start, float(loss)
 
-    return _measure(run_once, None, config)
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        tf.config.experimental.reset_memory_stats("GPU:0")
+    result = _measure(run_once, None, config)
+    if gpus:  # device peak over the resident weights and inputs: the closest to XLA temp TF exposes
+        info = tf.config.experimental.get_memory_info("GPU:0")
+        result["xla_temp"] = info["peak"] - info["current"]
+    return result
 
 
 def _measure(run_once, state, config: dict) -> dict:
@@ -230,7 +265,7 @@ def _run_child(config: dict) -> dict:
 
 
 def _fmt_bytes(value) -> str:
-    return "-" if value is None else f"{value / MIB:,.0f} MiB"
+    return "n/a" if value is None else f"{value / MIB:,.0f} MiB"
 
 
 def _ratio(value, dense) -> str:
@@ -244,10 +279,16 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     if args.child:
         _child(json.loads(args.child))
         return []
-    paths = [p.strip() for p in args.paths.split(",")]
-    unknown = [p for p in paths if p not in PATHS]
-    if unknown:
-        raise SystemExit(f"unknown --paths {unknown}; choose from {list(PATHS)}")
+    paths = []
+    for name in (p.strip() for p in args.paths.split(",")):
+        if name == "rows":
+            paths += [f"rows {int(rows)}" for rows in args.chunk_rows.split(",")]
+        elif name == "classes":
+            paths += [f"classes {int(size)}" for size in args.chunk_classes.split(",")]
+        elif name in ("dense", "sampled"):
+            paths.append(name)
+        else:
+            raise SystemExit(f"unknown --paths {name!r}; choose from dense, rows, classes, sampled")
     jit = "XLA" if args.backend == "jax" or args.jit == "on" else "no XLA"
     print(f"backend {args.backend} ({jit}), batch {args.batch}, embedding {args.dim}, AM-Softmax (s=30, m=0.35), "
           f"{os.cpu_count()} CPUs, MemAvailable {_mem_available() / GIB:.1f} GiB; median of {args.reps} steps")
@@ -257,14 +298,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         print(f"\n{classes:,} classes: weights {gradient / GIB:.2f} GiB, kernel gradient {gradient / GIB:.2f} GiB "
               f"(subtracted in the 'extra' columns)")
         header = (f"{'path':<26} {'step s':>8} {'x dense':>8} {'XLA temp':>11} {'extra':>11} {'x dense':>8} "
-                  f"{'RSS peak':>11} {'extra':>11} {'x dense':>8}")
+                  f"{'RSS peak':>11} {'extra':>11} {'x dense':>8} {'extra undon':>11} {'x dense':>8}")
         print(header)
         dense = {}
         for path in paths:
             config = {"backend": args.backend, "classes": classes, "batch": args.batch, "dim": args.dim,
                       "reps": args.reps, "path": path, "headroom": args.headroom, "jit": args.jit}
             result = {**config, **_run_child(config)}
-            for key in ("xla_temp", "rss_peak"):
+            for key in ("xla_temp", "xla_temp_undonated", "rss_peak"):
                 if result.get(key) is not None:
                     result[key + "_extra"] = max(result[key] - gradient, 0)
             if path == "dense":
@@ -277,7 +318,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                   f"{_fmt_bytes(result.get('xla_temp')):>11} {_fmt_bytes(result.get('xla_temp_extra')):>11} "
                   f"{_ratio(result.get('xla_temp_extra'), dense.get('xla_temp_extra')):>8} "
                   f"{_fmt_bytes(result['rss_peak']):>11} {_fmt_bytes(result['rss_peak_extra']):>11} "
-                  f"{_ratio(result['rss_peak_extra'], dense.get('rss_peak_extra')):>8}", flush=True)
+                  f"{_ratio(result['rss_peak_extra'], dense.get('rss_peak_extra')):>8} "
+                  f"{_fmt_bytes(result.get('xla_temp_undonated_extra')):>11} "
+                  f"{_ratio(result.get('xla_temp_undonated_extra'), dense.get('xla_temp_undonated_extra')):>8}",
+                  flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -17,6 +17,7 @@ from keras_margin.core import (  # _NORM_EPS: the epsilon of l2_normalize / cosi
     cosine_matrix,
     l2_normalize,
     margin_cross_entropy,
+    per_sample_scale,
 )
 
 _NEG_INF = float("-inf")
@@ -146,14 +147,6 @@ def nontarget_logsumexp(x, kernel, class_ids, scale, chunk_size: int, compute_dt
     return op(x, ops.convert_to_tensor(kernel), ops.cast(class_ids, "int32"), ops.cast(scale, "float32"))
 
 
-def per_sample_scale(scale, x):
-    """``scale`` (a float, a scalar tensor or a (batch, 1) tensor such as SphereFace's |x|) as (batch,)."""
-    scale = ops.cast(scale, "float32")
-    if len(scale.shape) == 0:
-        return ops.zeros_like(ops.cast(x[:, 0], "float32")) + scale
-    return ops.reshape(scale, (-1,))
-
-
 def chunked_margin_loss(x, kernel, class_ids, target: TargetFn, scale, chunk_size: int,
                         compute_dtype: str = "float32"):
     """Per-sample margin-softmax cross-entropy computed over class chunks; equal to the unchunked loss.
@@ -191,14 +184,32 @@ def chunked_margin_loss(x, kernel, class_ids, target: TargetFn, scale, chunk_siz
     return ops.where(_valid(class_ids, kernel.shape[-1]), loss, float("nan"))
 
 
+CHUNK_BY = ("classes", "rows")
+
+
+def check_chunk_by(owner: str, chunk_by) -> str:
+    """``chunk_by`` must be "classes" (this module's chunks) or "rows" (``keras_margin.row_chunked``)."""
+    if chunk_by not in CHUNK_BY:
+        raise ValueError(f"{owner}: `chunk_by` must be one of {CHUNK_BY}; got {chunk_by!r}.")
+    return chunk_by
+
+
 def margin_loss(x, kernel, class_ids, target: TargetFn, scale, chunk_size: int | None = None,
-                compute_dtype: str = "float32"):
+                compute_dtype: str = "float32", chunk_by: str = "classes"):
     """Per-sample margin-softmax cross-entropy from embeddings and class weights.
 
     ``chunk_size=None``: the (batch, C) path of ``core`` (cosines, margin logits, cross-entropy).
-    Otherwise ``chunked_margin_loss``: the same numbers in O(batch x chunk_size) memory.
+    Otherwise the same numbers by chunks, two ways:
+    - ``chunk_by="classes"``: ``chunked_margin_loss``, chunks of ``chunk_size`` classes, O(batch x chunk_size)
+      memory beyond the kernel gradient, four matrix products per chunk (the backward pass recomputes).
+    - ``chunk_by="rows"``: ``row_chunked.row_chunked_margin_loss``, chunks of ``chunk_size`` rows of the batch
+      against every class, O(chunk_size x C) memory, three matrix products (the dense path's count).
     """
     if chunk_size is None:
         class_ids = ops.cast(class_ids, "int32")
         return margin_cross_entropy(cosine_matrix(x, kernel, compute_dtype), class_ids, target, scale)
+    if check_chunk_by("margin_loss", chunk_by) == "rows":
+        from keras_margin.row_chunked import row_chunked_margin_loss
+
+        return row_chunked_margin_loss(x, kernel, class_ids, target, scale, chunk_size, compute_dtype)
     return chunked_margin_loss(x, kernel, class_ids, target, scale, chunk_size, compute_dtype)

@@ -73,6 +73,14 @@ def sparse_labels(owner: str, labels, num_classes: int, batch: int | None = None
     return ops.where(in_range, ops.cast(ids, "int32"), -1)
 
 
+def per_sample_scale(scale, x):
+    """``scale`` (a float, a scalar tensor or a (batch, 1) tensor such as SphereFace's |x|) as (batch,) float32."""
+    scale = ops.cast(scale, "float32")
+    if len(scale.shape) == 0:
+        return ops.zeros_like(ops.cast(x[:, 0], "float32")) + scale
+    return ops.reshape(scale, (-1,))
+
+
 def margin_logits(cos_theta, class_ids, target: TargetFn, scale, nontarget: NontargetFn | None = None):
     """Logits with the target column replaced by the objective's target cosine, times the scale.
 

@@ -22,6 +22,8 @@ from keras_margin.margins import (
     arcface_target,
     combined_margin_target,
     curricularface,
+    lsoftmax,
+    magface,
     normface,
     normface_agents,
     normface_target,
@@ -46,6 +48,8 @@ __all__ = [
     "CurricularFaceHead",
     "AdaCosHead",
     "AdaFaceHead",
+    "MagFaceHead",
+    "LSoftmaxHead",
 ]
 
 
@@ -60,10 +64,16 @@ _HEAD_ARGS = """\
         fused_loss: Boolean. When True, `head([x, labels], training=...)` computes the loss itself:
             it returns the per-sample loss `(batch,)` and adds its batch mean with `add_loss` (compile
             with `loss=None`), so very many classes fit in memory. Defaults to `False`.
-        chunk_size: Integer or `None`. With `fused_loss=True`, compute the exact loss over chunks of
-            `chunk_size` classes (running log-sum-exp, recomputing backward pass), so the
-            `(batch, num_classes)` logits never exist; the memory bound needs XLA (JAX, or
-            `jit_compile=True` on TensorFlow). `None`: no chunking. Defaults to `None`.
+        chunk_size: Integer or `None`. With `fused_loss=True`, compute the exact loss by chunks of
+            `chunk_size` classes (or rows: `chunk_by`), so the `(batch, num_classes)` logits never
+            exist; the memory bound needs XLA (JAX, or `jit_compile=True` on TensorFlow). `None`: no
+            chunking. Defaults to `None`.
+        chunk_by: `"classes"` or `"rows"`, what `chunk_size` counts. `"classes"`: a running
+            log-sum-exp over class chunks and a recomputing backward pass (four matrix products,
+            the least memory: a few `(batch, chunk_size)` blocks). `"rows"`: chunks of the batch,
+            each against every class, the gradient formed in the forward pass (three products, the
+            dense path's count: faster; a few `(chunk_size, num_classes)` blocks). Defaults to
+            `"classes"`.
         sample_rate: Float in (0, 1]. With `fused_loss=True` and < 1: Partial FC (InsightFace); each
             training step keeps the batch's classes plus a uniform random subset of the others,
             `max(ceil(sample_rate * num_classes), batch)` classes in all (an approximation of the loss;
@@ -209,8 +219,11 @@ class MarginHead(CosineDense):
     - ``chunk_size=N``: the exact loss computed over chunks of N classes with a running log-sum-exp and
       a backward pass that recomputes each chunk, so the (batch, num_classes) logits never exist
       (memory O(batch x N + num_classes x embedding_dim)); equal to the unchunked loss to float32
-      rounding. The memory bound needs XLA: JAX, or ``jit_compile=True`` on TensorFlow (Keras leaves
-      XLA off on a CPU-only TensorFlow, where the chunked loss is exact but saves no memory).
+      rounding. With ``chunk_by="rows"`` the chunks are N rows of the batch, each against every class,
+      its gradient formed in the forward pass: three matrix products instead of four (faster), memory
+      O(N x num_classes + num_classes x embedding_dim). The memory bound needs XLA: JAX, or
+      ``jit_compile=True`` on TensorFlow (Keras leaves XLA off on a CPU-only TensorFlow, where the
+      chunked loss is exact but saves no memory).
     - ``sample_rate=r`` < 1: Partial FC (InsightFace): each training step keeps the batch's classes plus
       a uniform random subset of the others, ``max(ceil(r * C), batch)`` classes in all, and only those
       kernel columns get a gradient. This approximates the loss (the softmax sees only the sampled
@@ -218,7 +231,7 @@ class MarginHead(CosineDense):
 
     Formula (fused, chunked):
     ```
-    lse_other = log(sum_{j != y} exp(scale * cos(theta_j)))       chunk by chunk
+    lse_other = log(sum_{j != y} exp(scale * cos(theta_j)))       chunk by chunk (of classes or rows)
     z_y = scale * target(cos(theta_y))
     loss = log(exp(lse_other) + exp(z_y)) - z_y
     ```
@@ -243,7 +256,7 @@ class MarginHead(CosineDense):
     """
 
     def __init__(self, num_classes: int, s: float, chunk_size: int | None = None,
-                 sample_rate: float = 1.0, fused_loss: bool = False, **kwargs):
+                 sample_rate: float = 1.0, fused_loss: bool = False, chunk_by: str = "classes", **kwargs):
         owner = type(self).__name__
         num_classes = _validation.check_count(owner, "num_classes", num_classes, minimum=2)
         super().__init__(num_classes, **kwargs)
@@ -252,6 +265,9 @@ class MarginHead(CosineDense):
         self.chunk_size = (None if chunk_size is None
                            else _validation.check_count(owner, "chunk_size", chunk_size, minimum=1))
         self.sample_rate = sampling.check_sample_rate(owner, sample_rate)
+        self.chunk_by = chunked.check_chunk_by(owner, chunk_by)
+        if self.chunk_by != "classes" and self.chunk_size is None:
+            raise ValueError(f"{owner}: `chunk_by={chunk_by!r}` says what `chunk_size` counts; pass chunk_size too.")
         if not fused_loss and (self.chunk_size is not None or self.sample_rate < 1.0):
             raise ValueError(
                 f"{owner}: `chunk_size` and `sample_rate` apply to the loss the head computes itself; pass "
@@ -316,7 +332,7 @@ class MarginHead(CosineDense):
                 sampled, class_ids = sampling.sample_classes(class_ids, self.units, num_sampled, self.seed_generator)
                 kernel = ops.take(kernel, sampled, axis=1)
         return chunked.margin_loss(x, kernel, class_ids, target, self.scale(x), self.chunk_size,
-                                   self.compute_dtype)
+                                   self.compute_dtype, chunk_by=self.chunk_by)
 
     def compute_output_shape(self, input_shape):
         if self.fused_loss and isinstance(input_shape, (list, tuple)) and isinstance(input_shape[0], (list, tuple)):
@@ -336,7 +352,7 @@ class MarginHead(CosineDense):
         config = super().get_config()
         config.pop("units")
         config.update({"num_classes": self.units, "s": self.s, "chunk_size": self.chunk_size,
-                       "sample_rate": self.sample_rate, "fused_loss": self.fused_loss})
+                       "sample_rate": self.sample_rate, "fused_loss": self.fused_loss, "chunk_by": self.chunk_by})
         return config
 
 
@@ -1390,3 +1406,269 @@ class AdaFaceHead(_BatchStatisticHead):
 
     def get_config(self):
         return {**super().get_config(), "m": self.m, "h": self.h, "t_alpha": self.t_alpha}
+
+
+@_document_head
+@keras.saving.register_keras_serializable(package="keras_margin")
+class MagFaceHead(MarginHead):
+    """MagFace head (Meng et al., CVPR 2021, arXiv 2103.06627), as the authors' ``models/magface.py`` runs it.
+
+    Formula (a training call; the margin and the regularizer read the norm of the head's input x):
+    ```
+    a_i  = clamp(|x_i|, l_a, u_a)                        (with its gradient, as the code's x_norm)
+    m_i  = (u_m - l_m) / (u_a - l_a) * (a_i - l_a) + l_m
+    z_y  = s * cos(theta_y + m_i)  where cos(theta_y) > 0, else s * cos(theta_y)              (easy_margin)
+         = s * cos(theta_y + m_i)  where cos(theta_y) > cos(pi - m_i), else s * (cos(theta_y) - m_i sin(m_i))
+    z_j  = s * cos(theta_j)        (j != y)
+    g(a) = a / u_a^2 + 1 / a
+    loss = mean_i CE(z_i, y_i) + lambda_g * mean_i g(a_i)
+    ```
+    The code's default is the easy margin (``MagLinear(easy_margin=True)``; ``SoftmaxBuilder`` does not change
+    it): no margin where theta_y >= pi / 2, so theta_y + m never passes pi. ``easy_margin=False`` is the code's
+    other branch, ArcFace's fallback with the per-sample margin. The margin keeps its gradient w.r.t. |x|
+    (the code does not detach ``x_norm``); the clamp stops it outside [l_a, u_a], for g(a) too.
+
+    The regularizer needs the norms, so training goes through ``head([x, labels], training=True)``:
+    - dense logits (compile with ``keras.losses.SparseCategoricalCrossentropy(from_logits=True)``): the head
+      adds ``lambda_g * mean(g(a))`` with ``add_loss`` in each training call, so Keras' total is the code's loss
+      (sample weights do not apply to the added term); ``training`` False or None: ``s * cos(theta)``, nothing added;
+    - ``fused_loss=True``: the per-sample ``CE_i + lambda_g * g(a_i)`` (its batch mean, added with ``add_loss``,
+      is the code's loss); in evaluation the plain ``s * cos`` cross-entropy. ``chunk_size`` and ``sample_rate``
+      work as for ArcFace: the margin changes only the target logit, a function of each row's target cosine and
+      norm, which ``keras_margin.chunked`` computes once on the (batch,) target cosines.
+    ``head(x)`` gives the cosines; ``head.loss`` raises (a cosine-path loss never sees |x|).
+
+    Args:
+        num_classes: Integer, the number of classes, >= 2.
+        s: Float, the scale, > 0. Defaults to `64.0` (run/run.sh, as are the next five).
+        l_a: Float > 0, the lower bound of the magnitude. Defaults to `10.0`.
+        u_a: Float > l_a, the upper bound of the magnitude. Defaults to `110.0`.
+        l_m: Float in [0, pi), the margin at a = l_a. Defaults to `0.45`.
+        u_m: Float in [l_m, pi), the margin at a = u_a. Defaults to `0.8`.
+        lambda_g: Float >= 0, the regularizer's weight. Defaults to `35.0` (run/run.sh and the paper;
+            trainer.py's own default is 20, below the paper's bound `keras_margin.margins.magface.min_lambda_g()`).
+        easy_margin: Boolean; the code's easy margin (see above). Defaults to `True`.
+{{head_args}}
+
+    Input shape:
+        `(batch_size, embedding_dim)`, or `[(batch_size, embedding_dim), (batch_size,)]`.
+
+    Output shape:
+        `(batch_size, num_classes)` float32 cosines or logits; `(batch_size,)` with `fused_loss=True`.
+
+    Example:
+    >>> import numpy as np, keras
+    >>> head = MagFaceHead(3, s=10.0, kernel_initializer="identity")
+    >>> x, y = np.array([[20.0, 0.0, 0.0], [0.0, 30.0, 30.0]], "float32"), np.array([0, 1])  # a = 20, 42.43
+    >>> np.round(keras.ops.convert_to_numpy(head([x, y], training=True)), 3)  # m = 0.485, 0.5635
+    array([[8.844, 0.   , 0.   ],
+           [0.   , 2.201, 7.071]], dtype=float32)
+    >>> round(float(keras.ops.convert_to_numpy(head.losses[0])), 4)  # 35 * mean(g(20), g(42.43))
+    1.3778
+
+    Reference:
+        Meng et al., "MagFace: A Universal Representation for Face Recognition and Quality Assessment", CVPR 2021,
+        arXiv:2103.06627 (Sec. 3). Authors' code: https://github.com/IrvingMeng/MagFace (`models/magface.py`,
+        `MagLinear` and `MagLoss`; `run/run.sh`, `run/trainer.py`).
+    """
+
+    def __init__(self, num_classes: int, s: float = magface.DEFAULT_S, l_a: float = magface.DEFAULT_L_A,
+                 u_a: float = magface.DEFAULT_U_A, l_m: float = magface.DEFAULT_L_M, u_m: float = magface.DEFAULT_U_M,
+                 lambda_g: float = magface.DEFAULT_LAMBDA_G, easy_margin: bool = magface.DEFAULT_EASY_MARGIN,
+                 **kwargs):
+        params = magface.check_magface_parameters(type(self).__name__, s, l_a, u_a, l_m, u_m, lambda_g, easy_margin)
+        super().__init__(num_classes, s=params["s"], **kwargs)
+        self.l_a, self.u_a, self.l_m, self.u_m = params["l_a"], params["u_a"], params["l_m"], params["u_m"]
+        self.lambda_g, self.easy_margin = params["lambda_g"], params["easy_margin"]
+
+    def magnitude(self, x):
+        """``clamp(|x|, l_a, u_a)`` (batch,) float32."""
+        return magface.magnitude(x, self.l_a, self.u_a)
+
+    def target(self, cos_theta_y, magnitude=None):
+        """The target cosine at each sample's magnitude ``a`` (batch,), from ``magnitude(x)``."""
+        if magnitude is None:
+            raise ValueError(f"{type(self).__name__}: the target needs each sample's magnitude: "
+                             "target(cos_theta_y, head.magnitude(x)).")
+        margin = magface.magface_margin(magnitude, self.l_a, self.u_a, self.l_m, self.u_m)
+        return magface.magface_target(cos_theta_y, margin, self.easy_margin)
+
+    def regularizer(self, magnitude):
+        """``lambda_g * g(a)`` per sample (batch,)."""
+        return self.lambda_g * magface.magface_regularizer(magnitude, self.u_a)
+
+    def call(self, inputs, training=None):
+        if not isinstance(inputs, (list, tuple)):
+            return self.cosine(inputs)
+        if len(inputs) != 2:
+            raise ValueError(
+                f"{type(self).__name__}: expected embeddings or [embeddings, labels]; got {len(inputs)} inputs."
+            )
+        x, labels = inputs
+        if self.fused_loss:
+            _validation.check_embeddings(type(self).__name__, x, self.kernel.shape[0])
+            class_ids = sparse_labels(type(self).__name__, labels, self.units, batch=x.shape[0])
+            per_sample = self.per_sample_loss(x, class_ids, training=bool(training))
+            self.add_loss(ops.mean(per_sample))
+            return per_sample
+        cos_theta = self.cosine(x)
+        class_ids = sparse_labels(type(self).__name__, labels, self.units, batch=x.shape[0])
+        if not training:
+            return margin_logits(cos_theta, class_ids, normface_target, self.s)
+        a = self.magnitude(x)
+        self.add_loss(ops.mean(self.regularizer(a)))
+        return margin_logits(cos_theta, class_ids, lambda cos_y: self.target(cos_y, a), self.s)
+
+    def per_sample_loss(self, x, class_ids, training: bool = False):
+        """Per-sample ``CE_i + lambda_g * g(a_i)`` (training) or the plain ``s * cos`` cross-entropy, (batch,),
+        with ``chunk_size`` / ``sample_rate``."""
+        kernel, class_ids = self.kernel, ops.cast(class_ids, "int32")
+        if not training:
+            return chunked.margin_loss(x, kernel, class_ids, normface_target, self.s, self.chunk_size,
+                                       self.compute_dtype, chunk_by=self.chunk_by)
+        a = self.magnitude(x)
+        if self.sample_rate < 1.0:
+            num_sampled = sampling.num_sampled_classes(self.units, self.sample_rate, x.shape[0])
+            if num_sampled < self.units:
+                sampled, class_ids = sampling.sample_classes(class_ids, self.units, num_sampled, self.seed_generator)
+                kernel = ops.take(kernel, sampled, axis=1)
+        ce = chunked.margin_loss(x, kernel, class_ids, lambda cos_y: self.target(cos_y, a), self.s, self.chunk_size,
+                                 self.compute_dtype, chunk_by=self.chunk_by)
+        return ce + self.regularizer(a)
+
+    def make_loss(self):
+        raise ValueError(
+            f"{type(self).__name__}: MagFace's margin and regularizer read the norm of each embedding, which a "
+            "cosine-path loss given to compile() never sees. Build a functional model on [embeddings, labels] and "
+            "call head([embeddings, labels], training=True) (see the class docstring)."
+        )
+
+    def get_config(self):
+        return {**super().get_config(), "l_a": self.l_a, "u_a": self.u_a, "l_m": self.l_m, "u_m": self.u_m,
+                "lambda_g": self.lambda_g, "easy_margin": self.easy_margin}
+
+
+@_document_head
+@keras.saving.register_keras_serializable(package="keras_margin")
+class LSoftmaxHead(_BatchStatisticHead):
+    """L-Softmax head (Liu et al., ICML 2016, arXiv 1612.02295), as the authors' Caffe layer runs it.
+
+    Formula (one training call; ``iteration`` is a non-trainable int32 weight, advanced first, as the layer's iter_):
+    ```
+    lambda = max(lambda_min, base * (1 + gamma * iteration)^(-power))
+    z_y = |W_y| |x| (lambda * cos(theta_y) + psi(theta_y)) / (1 + lambda)
+    z_j = |W_j| |x| cos(theta_j) = <x, W_j>                                   (j != y)
+    psi(theta) = (-1)^k cos(m theta) - 2k,   theta in [k pi / m, (k + 1) pi / m]
+    ```
+    Un-normalized: neither the embeddings nor the class weights are normalized (``LargeMarginInnerProduct``,
+    ``largemargin_inner_product_layer.cpp``, no bias). psi and the schedule are SphereFace's
+    (``keras_margin.margins.sphereface``), computed the same way (cos(m theta) from cos(theta), no arccos).
+    Calls with ``training`` False or None give the plain inner products ``<x, W_j>`` (the released test nets'
+    ``type: SINGLE`` layer) and leave ``iteration`` as it is.
+
+    Call forms (the logits need |x| and the labels, so training goes through ``head([x, labels])``):
+    - ``head([x, labels], training=True)``: the logits above, for
+      ``keras.losses.SparseCategoricalCrossentropy(from_logits=True)`` (the Caffe ``SoftmaxWithLoss``);
+    - with ``fused_loss=True``: the per-sample cross-entropy (batch,), its mean added with ``add_loss``;
+    - ``head(x)``: the cosines (for verification; the class decision of the test nets is the argmax of
+      ``head([x, labels], training=False)``, the inner products, which weighs classes by |W_j|).
+    ``head.loss`` raises: a cosine-path loss never sees |x| and |W_j|. ``chunk_size`` and ``sample_rate`` raise a
+    ValueError: ``keras_margin.chunked`` scales every non-target cosine of a row by one number, and L-Softmax
+    needs |W_j| per class; Partial FC is not implemented for this head.
+
+    Args:
+        num_classes: Integer, the number of classes, >= 2.
+        m: Integer margin, 1 to 4 (`type` SINGLE .. QUADRUPLE). Defaults to `4` (the MNIST prototxt; the
+            CIFAR-10 ones use 2, gamma 0.00002, power 45).
+        base: Float > 0, the schedule's initial lambda scale. Defaults to `1000.0` (the released prototxts).
+        gamma: Float >= 0, the schedule's rate. Defaults to `0.000025` (the MNIST prototxt).
+        power: Float >= 0, the schedule's exponent. Defaults to `35.0` (the MNIST prototxt).
+        lambda_min: Float >= 0, the schedule's floor. Defaults to `0.0` (the proto default, also set by the MNIST
+            prototxt).
+        fused_loss: Boolean. When True, `head([x, labels], training=...)` returns the per-sample loss
+            `(batch,)` and adds its batch mean with `add_loss` (compile with `loss=None`). Defaults to `False`.
+{{kernel_args}}
+        **kwargs: Base layer keyword arguments, such as `name` and `dtype`.
+
+    Input shape:
+        `(batch_size, embedding_dim)`, or `[(batch_size, embedding_dim), (batch_size,)]`.
+
+    Output shape:
+        `(batch_size, num_classes)` float32 cosines or logits; `(batch_size,)` with `fused_loss=True`.
+
+    Example:
+    >>> import numpy as np, keras
+    >>> head = LSoftmaxHead(3, m=2, base=1.0, kernel_initializer="identity")  # lambda = 1 throughout
+    >>> x, y = np.array([[2.0, 0.0, 0.0], [0.0, 1.0, 1.0]], "float32"), np.array([0, 1])
+    >>> np.round(keras.ops.convert_to_numpy(head([x, y], training=True)), 3)  # |x| (cos + psi) / 2 = 1.414 * 0.707 / 2
+    array([[2. , 0. , 0. ],
+           [0. , 0.5, 1. ]], dtype=float32)
+    >>> int(keras.ops.convert_to_numpy(head.iteration))
+    1
+
+    Reference:
+        Liu et al., "Large-Margin Softmax Loss for Convolutional Neural Networks", ICML 2016, arXiv:1612.02295
+        (Sec. 3). Authors' code: https://github.com/wy1iu/LargeMargin_Softmax_Loss
+        (`src/caffe/layers/largemargin_inner_product_layer.cpp`, `myexamples/*/model/*_train_test.prototxt`).
+    """
+
+    _UNSUPPORTED = ("`chunk_size` and `sample_rate` are not supported: the chunked fused loss (keras_margin.chunked) "
+                    "scales a row's non-target cosines by one number, and L-Softmax's are scaled by each class's "
+                    "|W_j|; Partial FC is not implemented for this head. Use fused_loss=True alone.")
+
+    def __init__(self, num_classes: int, m: int = lsoftmax.DEFAULT_M, base: float = lsoftmax.DEFAULT_BASE,
+                 gamma: float = lsoftmax.DEFAULT_GAMMA, power: float = lsoftmax.DEFAULT_POWER,
+                 lambda_min: float = lsoftmax.DEFAULT_LAMBDA_MIN, **kwargs):
+        owner = type(self).__name__
+        if "s" in kwargs:
+            raise ValueError(f"{owner}: takes no `s`: L-Softmax's logits are scaled by |x| |W_j|.")
+        params = lsoftmax.check_lsoftmax_parameters(owner, m, base, gamma, power, lambda_min)
+        super().__init__(num_classes, s=1.0, **kwargs)
+        self.m, self.base, self.gamma = params["m"], params["base"], params["gamma"]
+        self.power, self.lambda_min = params["power"], params["lambda_min"]
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self.iteration = self.add_weight(name="iteration", shape=(), dtype="int32", initializer="zeros",
+                                         trainable=False)
+
+    def current_lambda(self):
+        return sphereface_lambda(self.iteration, self.base, self.gamma, self.power, self.lambda_min)
+
+    def scale(self, x):
+        """|x| (batch, 1) float32."""
+        x = ops.cast(x, "float32")
+        return ops.sqrt(ops.sum(ops.square(x), axis=-1, keepdims=True))
+
+    def target(self, cos_theta_y, w_norm_y=None):
+        """The target logit per unit |x| at the current lambda; ``w_norm_y`` (batch,): each target column's norm."""
+        if w_norm_y is None:
+            raise ValueError(f"{type(self).__name__}: the target needs each sample's |W_y|: target(cos_theta_y, "
+                             "w_norm_y).")
+        return lsoftmax.lsoftmax_target(cos_theta_y, w_norm_y, self.m, self.current_lambda())
+
+    def objective(self, cos_theta, class_ids, training: bool, x=None):
+        # The kernel is the head's own: no class sampling (see _UNSUPPORTED).
+        w_norm = lsoftmax.column_norms(self.kernel)
+        w_norm_y = ops.take(w_norm, ops.where(class_ids >= 0, class_ids, 0))  # an invalid id's row is NaN anyway
+        if training:
+            self.iteration.assign_add(1)
+            lambda_ = self.current_lambda()
+            target = lambda cos_y: lsoftmax.lsoftmax_target(cos_y, w_norm_y, self.m, lambda_)  # noqa: E731
+        else:
+            target = lambda cos_y: w_norm_y * cos_y  # noqa: E731
+        return target, (lambda cos, cos_y: lsoftmax.lsoftmax_nontarget(cos, w_norm)), self.scale(x)
+
+    def make_loss(self):
+        raise ValueError(
+            f"{type(self).__name__}: L-Softmax's logits |x| |W_j| cos(theta_j) need the embeddings' norms and the "
+            "labels, which a cosine-path loss given to compile() never sees. Build a functional model on "
+            "[embeddings, labels] and call head([embeddings, labels], training=True) (see the class docstring)."
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        for key in ("s", "chunk_size", "sample_rate"):
+            config.pop(key)
+        return {**config, "m": self.m, "base": self.base, "gamma": self.gamma, "power": self.power,
+                "lambda_min": self.lambda_min}

@@ -131,7 +131,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fused-loss", action="store_true",
                         help="the head computes its own loss (for very many classes; compiled with loss=None)")
     parser.add_argument("--chunk-size", type=int, default=None,
-                        help="with --fused-loss: exact loss over chunks of N rows (needs XLA for the memory bound)")
+                        help="with --fused-loss: exact loss over chunks of N classes, or rows with --chunk-by rows "
+                             "(needs XLA for the memory bound)")
+    parser.add_argument("--chunk-by", choices=("classes", "rows"), default="classes",
+                        help="what --chunk-size counts: classes (least memory) or rows of the batch (faster: three "
+                             "matrix products, as the dense path; default classes)")
     parser.add_argument("--sample-rate", type=float, default=None,
                         help="with --fused-loss: Partial FC, keep this fraction of the classes per step (0, 1]")
     parser.add_argument("--jit", action=argparse.BooleanOptionalAction, default=None,
@@ -304,6 +308,7 @@ def _build_model(keras, args, images, input_size, head_class, num_classes):
     options = {"fused_loss": True} if args.fused_loss else {}
     if args.chunk_size is not None:
         options["chunk_size"] = args.chunk_size
+        options["chunk_by"] = args.chunk_by
     if args.sample_rate is not None:
         options["sample_rate"] = args.sample_rate
     head = head_class(num_classes, name="head", **options)
@@ -403,7 +408,8 @@ def _train(args, checkpoints: Path) -> int:
     config = {"backbone": args.backbone, "head": HEADS[args.head], "classes": images.num_classes,
               "images": len(images), "input_size": list(input_size), "embedding_dim": args.embedding_dim,
               "batch_size": batch, "iter_size": args.iter_size, "preset": preset, "lr": args.lr, "seed": args.seed,
-              "fused_loss": args.fused_loss, "chunk_size": args.chunk_size, "sample_rate": args.sample_rate,
+              "fused_loss": args.fused_loss, "chunk_size": args.chunk_size, "chunk_by": args.chunk_by,
+              "sample_rate": args.sample_rate,
               "mixed_precision": args.mixed_precision, "steps_per_epoch": steps_per_epoch,
               "poly_length": micro_total if recipe.schedule == "poly" else None}
     saved_config = _read_json(checkpoints / "train_config.json")

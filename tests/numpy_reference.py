@@ -430,3 +430,76 @@ def adaface_forward(embeddings, cos, labels, batch_mean, batch_std, s=64.0, m=0.
     theta_m = np.clip(np.arccos(cos) + one_hot * (m * margin_scaler * -1), eps, np.pi - eps)
     cos = np.cos(theta_m) - one_hot * (m + m * margin_scaler)
     return cos * s, batch_mean, batch_std
+
+
+# --------------------------------------------------------------------------------------------------
+# MagFace and L-Softmax (issue 16), transcribed from the released code
+#
+# - MagFace: Q. Meng, S. Zhao, Z. Huang, F. Zhou, "MagFace: A Universal Representation for Face Recognition and
+#   Quality Assessment", CVPR 2021, arXiv 2103.06627; code github.com/IrvingMeng/MagFace (``models/magface.py``:
+#   ``SoftmaxBuilder._margin``, ``MagLinear.forward``, ``MagLoss``; ``run/trainer.py``: loss_id + lambda_g * loss_g).
+# - L-Softmax: W. Liu, Y. Wen, Z. Yu, M. Yang, "Large-Margin Softmax Loss for Convolutional Neural Networks",
+#   ICML 2016, arXiv 1612.02295; code github.com/wy1iu/LargeMargin_Softmax_Loss
+#   (``src/caffe/layers/largemargin_inner_product_layer.cpp``, ``Forward_cpu``).
+
+def magface_forward(x, kernel, labels, s=64.0, l_a=10.0, u_a=110.0, l_margin=0.45, u_margin=0.8, easy_margin=True):
+    """``MagLinear.forward`` + ``MagLoss.forward``'s output and g, float64: (logits (B, C), g(a) per sample (B,)).
+
+    The code's loss is ``mean(softmax_cross_entropy(logits, labels)) + lambda_g * mean(g)``."""
+    x = np.asarray(x, dtype=np.float64)
+    kernel = np.asarray(kernel, dtype=np.float64)
+    labels = sparse_labels(labels, kernel.shape[1])
+    x_norm = np.clip(np.linalg.norm(x, axis=1, keepdims=True), l_a, u_a)
+    ada_margin = (u_margin - l_margin) / (u_a - l_a) * (x_norm - l_a) + l_margin
+    cos_m, sin_m = np.cos(ada_margin), np.sin(ada_margin)
+    weight_norm = kernel / np.linalg.norm(kernel, axis=0, keepdims=True)
+    cos_theta = np.clip((x / np.linalg.norm(x, axis=1, keepdims=True)) @ weight_norm, -1, 1)
+    sin_theta = np.sqrt(1.0 - cos_theta ** 2)
+    cos_theta_m = cos_theta * cos_m - sin_theta * sin_m
+    if easy_margin:
+        cos_theta_m = np.where(cos_theta > 0, cos_theta_m, cos_theta)
+    else:
+        mm = np.sin(np.pi - ada_margin) * ada_margin
+        threshold = np.cos(np.pi - ada_margin)
+        cos_theta_m = np.where(cos_theta > threshold, cos_theta_m, cos_theta - mm)
+    one_hot = np.zeros_like(cos_theta)
+    one_hot[np.arange(len(labels)), labels] = 1.0
+    output = one_hot * s * cos_theta_m + (1.0 - one_hot) * s * cos_theta
+    g = 1 / (u_a ** 2) * x_norm[:, 0] + 1 / x_norm[:, 0]
+    return output, g
+
+
+def lsoftmax_lambda(iteration, base=1000.0, gamma=0.000025, power=35.0, lambda_min=0.0):
+    """``lambda_ = max(base * pow(1 + gamma * iter_, -power), lambda_min)`` (iter_ already advanced)."""
+    return max(base * (1.0 + gamma * iteration) ** (-power), lambda_min)
+
+
+def lsoftmax_caffe_forward(x, kernel, labels, m, lam):
+    """``LargeMarginInnerProductLayer::Forward_cpu`` for type SINGLE..QUADRUPLE (m = 1..4), float64; ``kernel`` in
+    Keras layout (d, C) (the Caffe blob is its transpose). The sign blobs as the layer builds them."""
+    x = np.asarray(x, dtype=np.float64)
+    weight = np.asarray(kernel, dtype=np.float64).T                        # (N, K)
+    labels = sparse_labels(labels, weight.shape[0])
+    x_norm = np.sqrt(np.sum(x * x, axis=1))
+    w_norm = np.sqrt(np.sum(weight * weight, axis=1))
+    xw_norm_product = np.outer(x_norm, w_norm) + 0.000000001
+    cos_theta = (x @ weight.T) / xw_norm_product
+    sign_0 = np.sign(cos_theta)
+    top = x @ weight.T
+    if m == 1:
+        return top
+    rows = np.arange(len(labels))
+    c = cos_theta[rows, labels]
+    p = xw_norm_product[rows, labels]
+    if m == 2:
+        top[rows, labels] = p * (2.0 * sign_0[rows, labels] * c ** 2 - 1.0)
+    elif m == 3:
+        sign_1 = np.sign(np.abs(c) - 0.5)
+        sign_2 = sign_0[rows, labels] * (sign_1 + 1.0) - 2.0
+        top[rows, labels] = p * (sign_1 * (4.0 * c ** 3 - 3.0 * c) + sign_2)
+    else:
+        sign_3 = sign_0[rows, labels] * np.sign(2.0 * c ** 2 - 1.0)
+        sign_4 = 2.0 * sign_0[rows, labels] + sign_3 - 3.0
+        top[rows, labels] = p * (sign_3 * (8.0 * c ** 4 - 8.0 * c ** 2 + 1.0) + sign_4)
+    top = top + lam * (x @ weight.T)
+    return top / (1.0 + lam)

@@ -1,4 +1,5 @@
-"""Chunked loss: equal to the unchunked loss and its gradients for every objective, fused head, XLA training."""
+"""Chunked loss, over classes and over rows: equal to the unchunked loss and its gradients for every objective,
+fused head, XLA training."""
 
 import doctest
 import math
@@ -14,15 +15,18 @@ from keras import ops
 
 import keras_margin as km
 import keras_margin.chunked
-from keras_margin.chunked import chunked_margin_loss, margin_loss
+import keras_margin.row_chunked
+from keras_margin.chunked import margin_loss
 from tests import numpy_reference
 
 pytestmark = pytest.mark.backend_agnostic
 
 B, D, C = 12, 6, 10
-# Chunk sizes: one class per chunk, 3 (three full chunks and a remainder of 1), 4 (remainder 2),
-# exactly C, and more than C.
-CHUNKS = [1, 3, 4, C, 64]
+# (chunk_by, chunk_size). Classes: one class per chunk, 3 (three full chunks and a last one moved back to overlap by 2),
+# 4 (overlap 2), exactly C, more than C. Rows of the batch: one row per chunk, 5 (the last chunk overlapping by 3),
+# 7 (overlap 2), exactly B, more than B.
+CHUNKS = [("classes", n) for n in (1, 3, 4, C, 64)] + [("rows", n) for n in (1, 5, 7, B, 64)]
+CHUNK_IDS = [f"{by}{n}" for by, n in CHUNKS]
 
 
 class ref:
@@ -99,13 +103,13 @@ def _head_with_target(name):
     return head, target, np_target
 
 
-@pytest.mark.parametrize("chunk_size", CHUNKS)
+@pytest.mark.parametrize("chunk_by, chunk_size", CHUNKS, ids=CHUNK_IDS)
 @pytest.mark.parametrize("name", list(OBJECTIVES))
-def test_chunked_loss_equals_float64_reference(name, chunk_size):
+def test_chunked_loss_equals_float64_reference(name, chunk_by, chunk_size):
     head, target, np_target = _head_with_target(name)
     x, kernel, y = _data()
     s = np.float32(head.s)
-    loss = ops.convert_to_numpy(chunked_margin_loss(x, kernel, y, target, _scale(head, x, s), chunk_size))
+    loss = ops.convert_to_numpy(margin_loss(x, kernel, y, target, _scale(head, x, s), chunk_size, chunk_by=chunk_by))
 
     x64, k64 = x.astype(np.float64), kernel.astype(np.float64)
     cos = ref.cosine(x64, k64)
@@ -114,16 +118,19 @@ def test_chunked_loss_equals_float64_reference(name, chunk_size):
     np.testing.assert_allclose(loss, expected, rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("chunk_size", CHUNKS)
+@pytest.mark.parametrize("upstream", ["mean", "weighted"])
+@pytest.mark.parametrize("chunk_by, chunk_size", CHUNKS, ids=CHUNK_IDS)
 @pytest.mark.parametrize("name", list(OBJECTIVES))
-def test_chunked_loss_and_gradients_equal_unchunked(name, chunk_size):
+def test_chunked_loss_and_gradients_equal_unchunked(name, chunk_by, chunk_size, upstream):
     head, target, _ = _head_with_target(name)
     x, kernel, y = _data()
-    weights = np.linspace(0.5, 2.0, B).astype("float32")  # a non-uniform upstream gradient per sample
+    # "mean": the uniform upstream gradient of a batch mean (by rows: the kernel gradient formed in the
+    # forward pass); "weighted": a different upstream gradient per sample (by rows: the recomputing pass).
+    weights = (np.full(B, 1.0 / B) if upstream == "mean" else np.linspace(0.5, 2.0, B)).astype("float32")
 
     def total(chunk):
         def fn(x, kernel, s):
-            return ops.sum(weights * margin_loss(x, kernel, y, target, _scale(head, x, s), chunk))
+            return ops.sum(weights * margin_loss(x, kernel, y, target, _scale(head, x, s), chunk, chunk_by=chunk_by))
         return fn
 
     s = np.float32(head.s)
@@ -137,11 +144,13 @@ def test_chunked_loss_and_gradients_equal_unchunked(name, chunk_size):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=atol, err_msg=f"d loss / d {wrt}")
 
 
-def test_learned_normface_scale_gets_the_unchunked_gradient():
+@pytest.mark.parametrize("chunk_by", ["classes", "rows"])
+def test_learned_normface_scale_gets_the_unchunked_gradient(chunk_by):
     x, kernel, y = _data()
 
     def fused_loss(chunk_size):
-        head = km.NormFaceHead(C, s=12.0, learn_scale=True, fused_loss=True, chunk_size=chunk_size)
+        head = km.NormFaceHead(C, s=12.0, learn_scale=True, fused_loss=True, chunk_size=chunk_size,
+                               **({} if chunk_size is None else {"chunk_by": chunk_by}))
         head(x)
         head.kernel.assign(kernel)
         # One SGD step with learning rate 1 moves every weight by minus its gradient.
@@ -161,9 +170,10 @@ def _fused_model_io(head, dim=D):
     return [embeddings, labels], head([embeddings, labels])
 
 
-def test_fused_head_returns_per_sample_loss_and_adds_its_mean():
+@pytest.mark.parametrize("chunk_by", ["classes", "rows"])
+def test_fused_head_returns_per_sample_loss_and_adds_its_mean(chunk_by):
     x, kernel, y = _data()
-    head = km.AMSoftmaxHead(C, s=30.0, m=0.35, fused_loss=True, chunk_size=3)
+    head = km.AMSoftmaxHead(C, s=30.0, m=0.35, fused_loss=True, chunk_size=3, chunk_by=chunk_by)
     head(x)
     head.kernel.assign(kernel)
     out = ops.convert_to_numpy(head([x, y], training=True))
@@ -204,14 +214,17 @@ def _separable_problem(num_classes=8, n_per_class=12, dim=10, seed=0):
     return x[order], y[order]
 
 
-@pytest.mark.parametrize("name, policy", [("amsoftmax", "float32"), ("sphereface", "float32"),
-                                          ("arcface", "mixed_bfloat16")])
-def test_fused_chunked_head_trains_under_xla(name, policy):
+@pytest.mark.parametrize("name, policy, chunk_by", [("amsoftmax", "float32", "classes"),
+                                                    ("sphereface", "float32", "rows"),
+                                                    ("arcface", "mixed_bfloat16", "classes"),
+                                                    ("arcface", "mixed_bfloat16", "rows")])
+def test_fused_chunked_head_trains_under_xla(name, policy, chunk_by):
     keras.mixed_precision.set_global_policy(policy)
     x, y = _separable_problem()
-    head = {"amsoftmax": lambda: km.AMSoftmaxHead(8, s=10.0, fused_loss=True, chunk_size=3),
-            "sphereface": lambda: km.SphereFaceHead(8, fused_loss=True, chunk_size=3),
-            "arcface": lambda: km.ArcFaceHead(8, s=10.0, fused_loss=True, chunk_size=3)}[name]()
+    options = {"fused_loss": True, "chunk_size": 3, "chunk_by": chunk_by}
+    head = {"amsoftmax": lambda: km.AMSoftmaxHead(8, s=10.0, **options),
+            "sphereface": lambda: km.SphereFaceHead(8, **options),
+            "arcface": lambda: km.ArcFaceHead(8, s=10.0, **options)}[name]()
     embeddings, labels = keras.Input((x.shape[1],)), keras.Input((), dtype="int32")
     features = keras.layers.Dense(8)(keras.layers.Dense(16, activation="relu")(embeddings))
     model = keras.Model([embeddings, labels], head([features, labels]))
@@ -224,12 +237,12 @@ def test_fused_chunked_head_trains_under_xla(name, policy):
 
 def test_fused_chunked_model_saves_and_reloads(tmp_path):
     x, _, y = _data()
-    model = keras.Model(*_fused_model_io(km.X2SoftmaxHead(C, fused_loss=True, chunk_size=4)))
+    model = keras.Model(*_fused_model_io(km.X2SoftmaxHead(C, fused_loss=True, chunk_size=4, chunk_by="rows")))
     path = tmp_path / "fused.keras"
     model.save(path)
     reloaded = keras.saving.load_model(path)
     head = reloaded.layers[-1]
-    assert (head.chunk_size, head.sample_rate, head.fused_loss) == (4, 1.0, True)
+    assert (head.chunk_size, head.chunk_by, head.sample_rate, head.fused_loss) == (4, "rows", 1.0, True)
     np.testing.assert_allclose(ops.convert_to_numpy(reloaded([x, y])), ops.convert_to_numpy(model([x, y])),
                                rtol=1e-6)
 
@@ -242,7 +255,7 @@ def test_scale_options_round_trip_through_get_config(head_cls):
     assert (config["chunk_size"], config["sample_rate"], config["fused_loss"]) == (128, 0.25, True)
     clone = head_cls.from_config(config)
     assert (clone.chunk_size, clone.sample_rate, clone.fused_loss) == (128, 0.25, True)
-    assert head_cls(C).get_config()["chunk_size"] is None
+    assert head_cls(C).get_config()["chunk_size"] is None and head_cls(C).get_config()["chunk_by"] == "classes"
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -253,6 +266,8 @@ def test_scale_options_round_trip_through_get_config(head_cls):
     (dict(sample_rate=1.5, fused_loss=True), r"`sample_rate` must be a finite number in \(0.0, 1.0\]"),
     (dict(fused_loss="yes"), "`fused_loss` must be a bool"),
     (dict(chunk_size=64), "pass fused_loss=True"),
+    (dict(chunk_size=64, fused_loss=True, chunk_by="columns"), r"`chunk_by` must be one of \('classes', 'rows'\)"),
+    (dict(fused_loss=True, chunk_by="rows"), "pass chunk_size too"),
     (dict(sample_rate=0.5), "pass fused_loss=True"),
 ])
 def test_bad_scale_options_raise_value_error_naming_the_argument(kwargs, message):
@@ -260,11 +275,12 @@ def test_bad_scale_options_raise_value_error_naming_the_argument(kwargs, message
         km.AMSoftmaxHead(C, **kwargs)
 
 
-def test_out_of_range_class_id_gives_nan_not_a_number():
+@pytest.mark.parametrize("chunk_by", ["classes", "rows"])
+def test_out_of_range_class_id_gives_nan_not_a_number(chunk_by):
     x, kernel, y = _data()
     y = y.copy()
     y[3] = C  # what a compiled step would see; eagerly the head raises first
-    loss = ops.convert_to_numpy(chunked_margin_loss(x, kernel, y, lambda c: c - 0.35, 30.0, 3))
+    loss = ops.convert_to_numpy(margin_loss(x, kernel, y, lambda c: c - 0.35, 30.0, 3, chunk_by=chunk_by))
     assert np.isnan(loss[3]) and np.all(np.isfinite(np.delete(loss, 3)))
 
 
@@ -273,10 +289,10 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     from keras_margin.chunked import margin_loss
     B, D, C = 256, 32, 16384
     x, w, y = jnp.ones((B, D)), jnp.ones((D, C)), jnp.arange(B, dtype="int32")
-    for chunk in (None, 1024):
-        loss = lambda x, w: jnp.mean(margin_loss(x, w, y, lambda c: c - 0.35, 30.0, chunk))
+    for name, chunk, by in (("dense", None, "classes"), ("classes", 1024, "classes"), ("rows", 16, "rows")):
+        loss = lambda x, w: jnp.mean(margin_loss(x, w, y, lambda c: c - 0.35, 30.0, chunk, chunk_by=by))
         step = jax.jit(jax.grad(loss, argnums=(0, 1)))
-        print(chunk, step.lower(x, w).compile().memory_analysis().temp_size_in_bytes)
+        print(name, step.lower(x, w).compile().memory_analysis().temp_size_in_bytes)
 """)
 
 
@@ -287,12 +303,16 @@ def test_chunked_gradient_keeps_chunk_blocks_not_the_logits_under_xla():
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     temp = dict(line.split() for line in result.stdout.strip().splitlines())
-    logits_bytes = 256 * 16384 * 4
-    assert int(temp["None"]) >= logits_bytes  # the dense path holds (batch, C) buffers
-    # The chunked one: a few (256, 1024) blocks, less than a fifth of a single (batch, C) buffer.
-    assert int(temp["1024"]) < 0.2 * logits_bytes, temp
+    logits_bytes, kernel_gradient = 256 * 16384 * 4, 32 * 16384 * 4
+    assert int(temp["dense"]) >= logits_bytes  # the dense path holds (batch, C) buffers
+    # By classes: a few (256, 1024) blocks, less than a fifth of a single (batch, C) buffer.
+    assert int(temp["classes"]) < 0.2 * logits_bytes, temp
+    # By rows: beyond the kernel gradient, 16-row chunks hold at most a tenth of the dense path's extra memory.
+    extra = {k: int(v) - kernel_gradient for k, v in temp.items()}
+    assert extra["rows"] <= 0.1 * extra["dense"], temp
 
 
-def test_docstring_examples_run():
-    result = doctest.testmod(keras_margin.chunked, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+@pytest.mark.parametrize("module", [keras_margin.chunked, keras_margin.row_chunked], ids=["chunked", "row_chunked"])
+def test_docstring_examples_run(module):
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0

@@ -45,6 +45,15 @@ HEAD_CASES = {
     "AdaCosHead": [("", {}, 1, 1, ("cosine",), {"forms": _UNFUSED_AND_FUSED}),
                    ("fixed", {"adaptive": False}, 1, 0, (), {"forms": ("cosine", "logits_training")})],
     "AdaFaceHead": [("", {}, 1, 2, ("cosine",), {"forms": _UNFUSED_AND_FUSED + ("fused_sampled_training",)})],
+    # No cosine-path loss (the margin and g(a) read |x|). A training call adds lambda_g * mean(g) in the logits form
+    # too, an inference call adds nothing: the logits-inference form runs apart, without label_forms_add_loss.
+    "MagFaceHead": [("", {}, 1, 0, ("cosine",),
+                     {"forms": ("cosine", "logits_training", "fused_training", "fused_inference",
+                                "fused_chunked_training", "fused_chunked_inference", "fused_sampled_training"),
+                      "label_forms_add_loss": True}),
+                    ("inference", {}, 1, 0, (), {"forms": ("logits_inference",)})],
+    # Un-normalized logits |x||W_j|cos: no cosine-path loss, no chunked or class-sampled fused loss.
+    "LSoftmaxHead": [("", {}, 1, 1, ("cosine",), {"forms": _UNFUSED_AND_FUSED})],
 }
 
 

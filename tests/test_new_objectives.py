@@ -395,3 +395,189 @@ def test_fixed_adacos_is_normface_with_the_fixed_scale():
 def test_stateful_heads_reject_what_they_cannot_do(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+# --------------------------------------------------------------------------------------------------
+# MagFace (Meng et al., CVPR 2021) and L-Softmax (Liu et al., ICML 2016): against ``tests/numpy_reference.py``'s
+# transcriptions of the authors' code (``magface_forward``: MagLinear + MagLoss; ``lsoftmax_caffe_forward``: the
+# Caffe layer's Forward_cpu with its sign blobs) and against finite differences.
+
+MAG = {"s": 10.0, "l_a": 1.5, "u_a": 6.0, "l_m": 0.3, "u_m": 0.7, "lambda_g": 3.0}  # test norms fall inside [l_a, u_a]
+
+
+def _mag_data(seed=20, classes=C5):
+    rng = np.random.default_rng(seed)
+    kernel = rng.normal(size=(D, classes)).astype("float32")
+    y = rng.integers(0, classes, size=B).astype("int32")
+    x = rng.normal(size=(B, D))
+    x = x / np.linalg.norm(x, axis=1, keepdims=True) * np.array([1.0, 2.0, 3.0, 4.0, 5.0, 7.0])[:, None]
+    x[0] = -kernel[:, y[0]] / np.linalg.norm(kernel[:, y[0]]) * 2.5  # theta_y = pi: the easy margin / fallback
+    return x.astype("float32"), kernel, y
+
+
+def _mag_loss_reference(y, easy_margin=True):
+    def loss(x, w):
+        logits, g = ref.magface_forward(x, w, y, MAG["s"], MAG["l_a"], MAG["u_a"], MAG["l_m"], MAG["u_m"],
+                                        easy_margin=easy_margin)
+        return ref.softmax_cross_entropy(logits, y).mean() + MAG["lambda_g"] * g.mean()
+    return loss
+
+
+@pytest.mark.parametrize("easy_margin", [True, False])
+def test_magface_logits_and_regularizer_match_the_authors_code(easy_margin):
+    x, kernel, y = _mag_data()
+    head = _built(km.MagFaceHead(C5, easy_margin=easy_margin, **MAG), x, kernel)
+    logits, g = ref.magface_forward(x, kernel, y, MAG["s"], MAG["l_a"], MAG["u_a"], MAG["l_m"], MAG["u_m"],
+                                    easy_margin=easy_margin)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(head([x, y], training=True)), logits, atol=2e-4)
+    assert len(head.losses) == 1
+    np.testing.assert_allclose(float(keras.ops.convert_to_numpy(head.losses[0])), MAG["lambda_g"] * g.mean(),
+                               rtol=1e-5)
+    out = head([x, y], training=False)
+    assert not head.losses
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(out), MAG["s"] * ref.cosine(x, kernel), atol=2e-4)
+
+
+@pytest.mark.parametrize("option", [{}, {"chunk_size": 4}])
+def test_magface_fused_loss_is_cross_entropy_plus_regularizer_per_sample(option):
+    x, kernel, y = _mag_data(21)
+    head = _built(km.MagFaceHead(C5, fused_loss=True, **option, **MAG), x, kernel)
+    logits, g = ref.magface_forward(x, kernel, y, MAG["s"], MAG["l_a"], MAG["u_a"], MAG["l_m"], MAG["u_m"])
+    expected = ref.softmax_cross_entropy(logits, y) + MAG["lambda_g"] * g
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(head([x, y], training=True)), expected, rtol=1e-4)
+    evaluation = ref.softmax_cross_entropy(MAG["s"] * ref.cosine(x, kernel), y)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(head([x, y], training=False)), evaluation, rtol=1e-4)
+
+
+@pytest.mark.parametrize("form", ["dense", "fused", "chunked"])
+@pytest.mark.parametrize("easy_margin", [True, False])
+def test_magface_gradients_match_finite_differences(form, easy_margin):
+    """The margin depends on |x| with its gradient (the code's x_norm is not detached): checked w.r.t. x too."""
+    x, kernel, y = _mag_data(22)
+    option = {"dense": {}, "fused": {"fused_loss": True}, "chunked": {"fused_loss": True, "chunk_size": 4}}[form]
+    head = _built(km.MagFaceHead(C5, easy_margin=easy_margin, **option, **MAG), x, kernel)
+    ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    def loss(w, xx):
+        if form != "dense":
+            out, _ = head.stateless_call([w], [], [xx, y], training=True)
+            return keras.ops.mean(out)
+        out, _, added = head.stateless_call([w], [], [xx, y], training=True, return_losses=True)
+        return ce(y, out) + added[0]
+
+    fixed = _mag_loss_reference(y, easy_margin)
+    value, grad_w = _value_and_grad(lambda w: loss(w, x), kernel)
+    _, grad_x = _value_and_grad(lambda xx: loss(kernel, xx), x)
+    np.testing.assert_allclose(value, fixed(x, kernel), rtol=1e-4)
+    np.testing.assert_allclose(grad_w, ref.central_difference(lambda w: fixed(x, w), kernel), atol=2e-4)
+    np.testing.assert_allclose(grad_x, ref.central_difference(lambda xx: fixed(xx, kernel), x), atol=2e-4)
+
+
+def test_magface_class_sampled_loss_keeps_the_regularizer():
+    x, kernel, y = _mag_data(23, classes=10)
+    head = _built(km.MagFaceHead(10, fused_loss=True, sample_rate=0.5, **MAG), x, kernel)
+    out = keras.ops.convert_to_numpy(head([x, y], training=True))
+    g = ref.magface_forward(x, kernel, y, MAG["s"], MAG["l_a"], MAG["u_a"], MAG["l_m"], MAG["u_m"])[1]
+    full = ref.magface_forward(x, kernel, y, MAG["s"], MAG["l_a"], MAG["u_a"], MAG["l_m"], MAG["u_m"])[0]
+    # Fewer negatives: each sampled loss lies between the regularizer alone and the full-softmax loss.
+    assert np.all(out > MAG["lambda_g"] * g) and np.all(out <= ref.softmax_cross_entropy(full, y)
+                                                        + MAG["lambda_g"] * g + 1e-4)
+
+
+def _lsoftmax_data(seed=30):
+    rng = np.random.default_rng(seed)
+    kernel = (rng.normal(size=(D, C5)) * rng.uniform(0.5, 2.0, size=C5)).astype("float32")  # unequal |W_j|
+    xs = [(rng.normal(size=(B, D)) * 1.5).astype("float32") for _ in range(STEPS)]
+    ys = [rng.integers(0, C5, size=B).astype("int32") for _ in range(STEPS)]
+    return kernel, xs, ys
+
+
+LS = {"base": 10.0, "gamma": 0.5, "power": 2.0, "lambda_min": 1.0}  # lambda 4.44, 2.5, 1.6: the schedule moves
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+def test_lsoftmax_three_training_steps_match_the_caffe_layer(m, fused):
+    kernel, xs, ys = _lsoftmax_data()
+    head = _built(km.LSoftmaxHead(C5, m=m, fused_loss=fused, **LS), xs[0], kernel)
+    for step, (x, y) in enumerate(zip(xs, ys), start=1):
+        expected = ref.lsoftmax_caffe_forward(x, kernel, y, m, ref.lsoftmax_lambda(step, **LS))
+        out = keras.ops.convert_to_numpy(head([x, y], training=True))
+        if fused:
+            np.testing.assert_allclose(out, ref.softmax_cross_entropy(expected, y), rtol=1e-4, atol=1e-5)
+        else:
+            np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+        assert int(keras.ops.convert_to_numpy(head.iteration)) == step
+    out = head([xs[0], ys[0]], training=False)  # the test nets' SINGLE layer: x . W; the counter stays
+    assert int(keras.ops.convert_to_numpy(head.iteration)) == STEPS
+    if not fused:
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(out), xs[0].astype("float64") @ kernel, rtol=1e-4,
+                                   atol=1e-4)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("m", [2, 3, 4])
+def test_lsoftmax_gradients_match_finite_differences(m, fused):
+    kernel, xs, ys = _lsoftmax_data(31)
+    x, y = xs[0], ys[0]
+    head = _built(km.LSoftmaxHead(C5, m=m, fused_loss=fused, **LS), x, kernel)
+    ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    lam = ref.lsoftmax_lambda(1, **LS)  # the call advances the counter from 0 to 1 first
+
+    def loss(w, xx):
+        out, _ = head.stateless_call([w], [np.int32(0)], [xx, y], training=True)
+        return keras.ops.mean(out) if fused else ce(y, out)
+
+    def fixed(xx, w):
+        return ref.softmax_cross_entropy(ref.lsoftmax_caffe_forward(xx, w, y, m, lam), y).mean()
+
+    value, grad_w = _value_and_grad(lambda w: loss(w, x), kernel)
+    _, grad_x = _value_and_grad(lambda xx: loss(kernel, xx), x)
+    np.testing.assert_allclose(value, fixed(x, kernel), rtol=1e-4)
+    np.testing.assert_allclose(grad_w, ref.central_difference(lambda w: fixed(x, w), kernel), rtol=1e-3, atol=5e-4)
+    np.testing.assert_allclose(grad_x, ref.central_difference(lambda xx: fixed(xx, kernel), x), rtol=1e-3, atol=5e-4)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("policy", ["float32", "mixed_float16"])
+@pytest.mark.parametrize("name", ["magface", "lsoftmax"])
+def test_magface_and_lsoftmax_train_under_xla(name, policy, fused):
+    x, kernel, y = _mag_data(24)
+    keras.config.set_dtype_policy(policy)
+    try:
+        head = (km.MagFaceHead(C5, fused_loss=fused, **MAG) if name == "magface"
+                else km.LSoftmaxHead(C5, fused_loss=fused, **LS))
+        emb, labels = keras.Input((D,)), keras.Input((), dtype="int32")
+        model = keras.Model([emb, labels], head([emb, labels]))
+        loss = None if fused else keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        model.compile("sgd", loss=loss, jit_compile=True, auto_scale_loss=False)
+        head.kernel.assign(kernel)
+        history = model.fit([x, y], None if fused else y, epochs=1, batch_size=B, verbose=0)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    assert np.isfinite(history.history["loss"][0])
+    assert head.kernel.dtype == "float32"
+    assert not np.allclose(keras.ops.convert_to_numpy(head.kernel), kernel)
+    if name == "magface":  # the reported loss is the code's loss at the starting kernel (one step, one batch)
+        tol = 1e-4 if policy == "float32" else 2e-2
+        np.testing.assert_allclose(history.history["loss"][0], _mag_loss_reference(y)(x, kernel), rtol=tol)
+    else:
+        assert int(keras.ops.convert_to_numpy(head.iteration)) == 1
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: km.MagFaceHead(C5).loss, "compile"),
+    (lambda: km.MagFaceHead(C5, l_a=10.0, u_a=5.0), "u_a"),
+    (lambda: km.MagFaceHead(C5, l_m=0.5, u_m=0.4), "u_m"),
+    (lambda: km.MagFaceHead(C5, lambda_g=-1.0), "lambda_g"),
+    (lambda: km.MagFaceHead(C5, easy_margin=1), "easy_margin"),
+    (lambda: km.LSoftmaxHead(C5).loss, "compile"),
+    (lambda: km.LSoftmaxHead(C5, fused_loss=True, chunk_size=2), "chunk_size"),
+    (lambda: km.LSoftmaxHead(C5, fused_loss=True, sample_rate=0.5), "sample_rate"),
+    (lambda: km.LSoftmaxHead(C5, m=5), "m"),
+    (lambda: km.LSoftmaxHead(C5, s=30.0), "s"),
+    (lambda: km.LSoftmaxHead(C5, base=0.0), "base"),
+])
+def test_magface_and_lsoftmax_reject_what_they_cannot_do(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()

@@ -111,13 +111,16 @@ def test_validation_writes_the_accuracy_into_the_summary(data, tmp_path, capsys)
 
 
 @pytest.mark.backend_agnostic
-def test_fused_chunked_loss_trains(data, tmp_path, capsys):
-    code, output = _train(data, tmp_path, "--steps", "2", "--fused-loss", "--chunk-size", "3", "--head", "arcface")
+@pytest.mark.parametrize("chunk_by", ["classes", "rows"])
+def test_fused_chunked_loss_trains(data, tmp_path, capsys, chunk_by):
+    code, output = _train(data, tmp_path, "--steps", "2", "--fused-loss", "--chunk-size", "3", "--chunk-by", chunk_by,
+                          "--head", "arcface")
     out = capsys.readouterr().out
     assert code == 0, out
     assert np.isfinite(float(_summary_value(out, "final loss")))
     model = keras.saving.load_model(output)
     assert len(model.inputs) == 2  # [images, labels] -> per-sample loss
+    assert model.layers[-1].chunk_by == chunk_by
     assert keras_margin.export.embedding_model(model).output_shape == (None, 16)
 
 
