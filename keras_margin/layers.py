@@ -72,7 +72,8 @@ _HEAD_ARGS = """\
             log-sum-exp over class chunks and a recomputing backward pass (four matrix products,
             the least memory: a few `(batch, chunk_size)` blocks). `"rows"`: chunks of the batch,
             each against every class, the gradient formed in the forward pass (three products, the
-            dense path's count: faster; a few `(chunk_size, num_classes)` blocks). Defaults to
+            dense path's count, but each chunk rewrites the kernel gradient; a few `(chunk_size,
+            num_classes)` blocks; README "Measured figures" compares the two). Defaults to
             `"classes"`.
         sample_rate: Float in (0, 1]. With `fused_loss=True` and < 1: Partial FC (InsightFace); each
             training step keeps the batch's classes plus a uniform random subset of the others,
@@ -220,7 +221,7 @@ class MarginHead(CosineDense):
       a backward pass that recomputes each chunk, so the (batch, num_classes) logits never exist
       (memory O(batch x N + num_classes x embedding_dim)); equal to the unchunked loss to float32
       rounding. With ``chunk_by="rows"`` the chunks are N rows of the batch, each against every class,
-      its gradient formed in the forward pass: three matrix products instead of four (faster), memory
+      its gradient formed in the forward pass: three matrix products instead of four, memory
       O(N x num_classes + num_classes x embedding_dim). The memory bound needs XLA: JAX, or
       ``jit_compile=True`` on TensorFlow (Keras leaves XLA off on a CPU-only TensorFlow, where the
       chunked loss is exact but saves no memory).
@@ -330,7 +331,7 @@ class MarginHead(CosineDense):
             num_sampled = sampling.num_sampled_classes(self.units, self.sample_rate, x.shape[0])
             if num_sampled < self.units:
                 sampled, class_ids = sampling.sample_classes(class_ids, self.units, num_sampled, self.seed_generator)
-                kernel = ops.take(kernel, sampled, axis=1)
+                kernel = sampling.take_columns(kernel, sampled)
         return chunked.margin_loss(x, kernel, class_ids, target, self.scale(x), self.chunk_size,
                                    self.compute_dtype, chunk_by=self.chunk_by)
 

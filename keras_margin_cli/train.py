@@ -134,8 +134,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --fused-loss: exact loss over chunks of N classes, or rows with --chunk-by rows "
                              "(needs XLA for the memory bound)")
     parser.add_argument("--chunk-by", choices=("classes", "rows"), default="classes",
-                        help="what --chunk-size counts: classes (least memory) or rows of the batch (faster: three "
-                             "matrix products, as the dense path; default classes)")
+                        help="what --chunk-size counts: classes (least memory) or rows of the batch (three matrix "
+                             "products, as the dense path, but more memory; default classes)")
     parser.add_argument("--sample-rate", type=float, default=None,
                         help="with --fused-loss: Partial FC, keep this fraction of the classes per step (0, 1]")
     parser.add_argument("--jit", action=argparse.BooleanOptionalAction, default=None,
