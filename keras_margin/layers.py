@@ -314,9 +314,12 @@ class MarginHead(CosineDense):
             return per_sample
         cos_theta = self.cosine(x)
         class_ids = sparse_labels(type(self).__name__, labels, self.units, batch=x.shape[0])
-        if training:
-            return margin_logits(cos_theta, class_ids, self.training_target(), self.scale(x))
-        return margin_logits(cos_theta, class_ids, lambda c: c, self.scale(x))
+        return self.label_logits(cos_theta, class_ids, bool(training), x)
+
+    def label_logits(self, cos_theta, class_ids, training: bool, x):
+        """Logits of the unfused ``head([x, labels])`` call: the margin when training, ``scale * cos`` otherwise."""
+        target = self.training_target() if training else (lambda c: c)
+        return margin_logits(cos_theta, class_ids, target, self.scale(x))
 
     def per_sample_loss(self, x, class_ids, training: bool = False):
         """Per-sample loss (batch,) of embeddings and int32 class ids, with ``chunk_size`` / ``sample_rate``.
@@ -1095,23 +1098,8 @@ class _BatchStatisticHead(MarginHead):
     def objective(self, cos_theta, class_ids, training: bool, x):
         raise NotImplementedError
 
-    def call(self, inputs, training=None):
-        if not isinstance(inputs, (list, tuple)):
-            return self.cosine(inputs)
-        if len(inputs) != 2:
-            raise ValueError(
-                f"{type(self).__name__}: expected embeddings or [embeddings, labels]; got {len(inputs)} inputs."
-            )
-        x, labels = inputs
-        if self.fused_loss:
-            _validation.check_embeddings(type(self).__name__, x, self.kernel.shape[0])
-            class_ids = sparse_labels(type(self).__name__, labels, self.units, batch=x.shape[0])
-            per_sample = self.per_sample_loss(x, class_ids, training=bool(training))
-            self.add_loss(ops.mean(per_sample))
-            return per_sample
-        cos_theta = self.cosine(x)
-        class_ids = sparse_labels(type(self).__name__, labels, self.units, batch=x.shape[0])
-        target, nontarget, scale = self.objective(cos_theta, class_ids, bool(training), x)
+    def label_logits(self, cos_theta, class_ids, training: bool, x):
+        target, nontarget, scale = self.objective(cos_theta, class_ids, training, x)
         return margin_logits(cos_theta, class_ids, target, scale, nontarget=nontarget)
 
     def per_sample_loss(self, x, class_ids, training: bool = False):
@@ -1498,22 +1486,7 @@ class MagFaceHead(MarginHead):
         """``lambda_g * g(a)`` per sample (batch,)."""
         return self.lambda_g * magface.magface_regularizer(magnitude, self.u_a)
 
-    def call(self, inputs, training=None):
-        if not isinstance(inputs, (list, tuple)):
-            return self.cosine(inputs)
-        if len(inputs) != 2:
-            raise ValueError(
-                f"{type(self).__name__}: expected embeddings or [embeddings, labels]; got {len(inputs)} inputs."
-            )
-        x, labels = inputs
-        if self.fused_loss:
-            _validation.check_embeddings(type(self).__name__, x, self.kernel.shape[0])
-            class_ids = sparse_labels(type(self).__name__, labels, self.units, batch=x.shape[0])
-            per_sample = self.per_sample_loss(x, class_ids, training=bool(training))
-            self.add_loss(ops.mean(per_sample))
-            return per_sample
-        cos_theta = self.cosine(x)
-        class_ids = sparse_labels(type(self).__name__, labels, self.units, batch=x.shape[0])
+    def label_logits(self, cos_theta, class_ids, training: bool, x):
         if not training:
             return margin_logits(cos_theta, class_ids, normface_target, self.s)
         a = self.magnitude(x)

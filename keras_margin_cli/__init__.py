@@ -39,6 +39,22 @@ def fail(prog: str, message: object) -> int:
     return 2
 
 
+def image_size(text: str) -> tuple[int, int]:
+    """An argparse ``type`` for ``H,W`` (or ``HxW``) image sizes: two positive integers.
+
+    Example:
+    >>> image_size("112,96"), image_size("112x112")
+    ((112, 96), (112, 112))
+    """
+    try:
+        parts = [int(part) for part in text.lower().replace("x", ",").split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) != 2 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected HEIGHT,WIDTH, e.g. 112,96")
+    return parts[0], parts[1]
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, one subparser per installed ``keras_margin.commands`` entry point.
 

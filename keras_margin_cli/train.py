@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from keras_margin_cli import fail
+from keras_margin_cli import fail, image_size
 
 __all__ = ["BACKBONES", "HEADS", "HELP", "add_arguments", "run"]
 
@@ -67,16 +67,6 @@ _PRESETS = ("amsoftmax", "insightface", "sphereface")
 
 #: What the pipeline feeds (``image_dataset``'s Caffe transform defaults), recorded in the model.
 _MEAN, _SCALE = 127.5, 1 / 128
-
-
-def _size(text: str) -> tuple[int, int]:
-    try:
-        parts = [int(part) for part in text.lower().replace("x", ",").split(",")]
-    except ValueError:
-        parts = []
-    if len(parts) != 2 or min(parts) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected HEIGHT,WIDTH, e.g. 112,96")
-    return parts[0], parts[1]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -117,7 +107,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="micro-batches of batch-size / iter-size images per update (Caffe's iter_size; "
                              "default 1)")
     parser.add_argument("--lr", type=float, default=None, help="base learning rate (default: the preset's)")
-    parser.add_argument("--input-size", type=_size, metavar="H,W", default=None,
+    parser.add_argument("--input-size", type=image_size, metavar="H,W", default=None,
                         help="images are resized to H,W (default: the backbone's, 112,96 or 112,112)")
     parser.add_argument("--embedding-dim", type=int, default=None,
                         help="embedding width (default: the backbone's, 512; 128 for mobilefacenet)")

@@ -16,23 +16,13 @@ import argparse
 import json
 import sys
 
-from keras_margin_cli import fail
+from keras_margin_cli import fail, image_size
 
 __all__ = ["HELP", "add_arguments", "run"]
 
 HELP = "face-verification accuracy (LFW protocol) of a .keras model"
 
 PROG = "keras-margin verify"
-
-
-def _size(text: str) -> tuple[int, int]:
-    try:
-        parts = [int(part) for part in text.lower().replace("x", ",").split(",")]
-    except ValueError:
-        parts = []
-    if len(parts) != 2 or min(parts) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected HEIGHT,WIDTH, e.g. 112,96")
-    return parts[0], parts[1]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--roc", metavar="PNG", default=None, help="write the ROC plot (needs matplotlib)")
     parser.add_argument("--json", metavar="FILE", default=None, help="also write the figures as JSON")
     parser.add_argument("--ext", default="jpg", help="image file extension (default jpg)")
-    parser.add_argument("--size", type=_size, metavar="H,W", default=None,
+    parser.add_argument("--size", type=image_size, metavar="H,W", default=None,
                         help="resize every image to H,W (default: none; images must have the model's input size)")
     order = parser.add_mutually_exclusive_group()
     order.add_argument("--bgr", dest="channel_order", action="store_const", const="bgr", default=None,
