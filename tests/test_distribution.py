@@ -59,7 +59,28 @@ def fused_chunked():
                         name="fused")
     return model, None, ([x, y], None)
 
-CASES = {"cosine_path": cosine_path, "label_aware": label_aware, "fused_chunked": fused_chunked}
+def _label_aware(head):
+    images, labels = keras.Input((10,)), keras.Input((), dtype="int32")
+    model = keras.Model([images, labels], head([keras.layers.Dense(D, name="embedding")(images), labels]))
+    return model, keras.losses.SparseCategoricalCrossentropy(from_logits=True), ([x, y], y)
+
+def _fused(head):
+    images, labels = keras.Input((10,)), keras.Input((), dtype="int32")
+    model = keras.Model([images, labels], head([keras.layers.Dense(D, name="embedding")(images), labels]))
+    return model, None, ([x, y], None)
+
+def subcenter_cosine_path():
+    head = km.SubCenterArcFaceHead(C, k=2, s=10.0, name="head")
+    model = keras.Sequential([keras.Input((10,)), keras.layers.Dense(D, name="embedding"), head], name="sub")
+    return model, head.loss, (x, y)
+
+CASES = {"cosine_path": cosine_path, "label_aware": label_aware, "fused_chunked": fused_chunked,
+         # The newer heads: batch statistics (t, the norms' mean and std) over the global batch, a norm-dependent
+         # margin with its regularizer, k sub-centers per class.
+         "curricularface": lambda: _label_aware(km.CurricularFaceHead(C, s=10.0, name="head")),
+         "adaface": lambda: _label_aware(km.AdaFaceHead(C, s=10.0, name="head")),
+         "magface_fused": lambda: _fused(km.MagFaceHead(C, s=10.0, fused_loss=True, chunk_size=3, name="head")),
+         "subcenter": subcenter_cosine_path}
 
 def train(model, loss, data, jit_compile):
     model.compile(keras.optimizers.SGD(0.1), loss=loss, jit_compile=jit_compile)
@@ -73,13 +94,12 @@ def differences(single, multi):
 """
 
 
-def test_class_sharded_heads_on_four_jax_devices_match_one_device():
-    script = _MODELS + """
+_SHARDED = """
 from keras_margin.distribution import shard_heads
 devices = keras.distribution.list_devices()
 assert len(devices) == 4, devices
 report = {}
-for name, mesh_shape in [("cosine_path", (1, 4)), ("label_aware", (2, 2)), ("fused_chunked", (1, 4))]:
+for name, mesh_shape in PLACEMENTS:
     keras.distribution.set_distribution(None)
     keras.utils.set_random_seed(0)
     model, loss, data = CASES[name]()
@@ -98,7 +118,15 @@ for name, mesh_shape in [("cosine_path", (1, 4)), ("label_aware", (2, 2)), ("fus
                     "devices": len({s.device for s in value.addressable_shards})}
 print(json.dumps(report))
 """
-    report = _run(script, {"KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+
+
+def _sharded_report(placements):
+    return _run(_MODELS + f"PLACEMENTS = {placements!r}\n" + _SHARDED,
+                {"KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+
+
+def test_class_sharded_heads_on_four_jax_devices_match_one_device():
+    report = _sharded_report([("cosine_path", (1, 4)), ("label_aware", (2, 2)), ("fused_chunked", (1, 4))])
     for name, case in report.items():
         assert case["steps"] == 3, (name, case)
         assert case["loss"] <= 1e-5 and case["weights"] <= 1e-5, (name, case)
@@ -106,6 +134,17 @@ print(json.dumps(report))
         assert case["spec_before"] == case["spec_after"] == [None, "model"], (name, case)
     assert report["cosine_path"]["shard_shapes"] == [[8, 4]] and report["cosine_path"]["devices"] == 4
     assert report["label_aware"]["shard_shapes"] == [[8, 8]]  # 2 x 2 mesh: two class shards, each on 2 devices
+
+
+def test_newer_heads_class_sharded_on_four_jax_devices_match_one_device():
+    report = _sharded_report([("curricularface", (2, 2)), ("adaface", (2, 2)), ("magface_fused", (1, 4)),
+                              ("subcenter", (1, 4))])
+    for name, case in report.items():
+        assert case["steps"] == 3, (name, case)
+        # The weights include the heads' moving statistics (non-trainable weights).
+        assert case["loss"] <= 1e-5 and case["weights"] <= 1e-5, (name, case)
+        assert case["spec_before"] == case["spec_after"] == [None, "model"], (name, case)
+    assert report["subcenter"]["shard_shapes"] == [[8, 8]]  # (8, 16 classes x 2 sub-centers) over 4 devices
 
 
 _MIRRORED = """
