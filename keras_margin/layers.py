@@ -1109,7 +1109,7 @@ class _BatchStatisticHead(MarginHead):
             num_sampled = sampling.num_sampled_classes(self.units, self.sample_rate, x.shape[0])
             if num_sampled < self.units:
                 sampled, class_ids = sampling.sample_classes(class_ids, self.units, num_sampled, self.seed_generator)
-                kernel = ops.take(kernel, sampled, axis=1)
+                kernel = sampling.take_columns(kernel, sampled)
         _validation.check_embeddings(type(self).__name__, x, kernel.shape[0])
         cos_theta = cosine_matrix(x, kernel, self.compute_dtype)
         target, nontarget, scale = self.objective(cos_theta, class_ids, training, x)
@@ -1505,7 +1505,7 @@ class MagFaceHead(MarginHead):
             num_sampled = sampling.num_sampled_classes(self.units, self.sample_rate, x.shape[0])
             if num_sampled < self.units:
                 sampled, class_ids = sampling.sample_classes(class_ids, self.units, num_sampled, self.seed_generator)
-                kernel = ops.take(kernel, sampled, axis=1)
+                kernel = sampling.take_columns(kernel, sampled)
         ce = chunked.margin_loss(x, kernel, class_ids, lambda cos_y: self.target(cos_y, a), self.s, self.chunk_size,
                                  self.compute_dtype, chunk_by=self.chunk_by)
         return ce + self.regularizer(a)

@@ -11,6 +11,7 @@ import keras_margin as km
 import keras_margin.sampling
 from keras_margin.chunked import margin_loss
 from keras_margin.sampling import num_sampled_classes, sample_classes
+from tests import numpy_reference as ref
 
 pytestmark = pytest.mark.backend_agnostic
 
@@ -116,3 +117,154 @@ def test_training_with_rate_point_one_converges_on_a_separable_problem():
 def test_docstring_examples_run():
     result = doctest.testmod(keras_margin.sampling, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Optimizer state of unsampled columns: which InsightFace Partial FC version the Keras optimizers match.
+# PartialFC (v1, recognition/arcface_torch/partial_fc.py): the sampled rows and their momentum are copied
+# into a separate Parameter (sample(): `Parameter(self.weight[index])`, `self.weight_mom[index]`), torch SGD
+# steps that copy (coupled weight decay: d = g + wd * w; buf = mu * buf + d; w -= lr * buf) and update()
+# writes both back: unsampled classes get no momentum and no weight-decay step.
+# PartialFC_V2 (partial_fc_v2.py): `self.weight` (all classes) is the Parameter, `self.weight[index]` its
+# gather, so the gradient is zero outside the sample but torch SGD (train_v2.py: momentum 0.9,
+# weight_decay=cfg.weight_decay) still moves every class by its momentum and decay.
+# Keras' SGD decays decoupled (w -= lr * wd * w, before the update, outside the momentum).
+
+_C, _D, _B, _RATE, _S, _M, _LR, _MU = 30, 4, 4, 0.2, 10.0, 0.2, 0.5, 0.9
+
+
+def _amsoftmax_kernel_gradient(x, kernel, y, sampled):
+    """NumPy d mean(loss) / d kernel (d, C) of AM-Softmax over the sampled columns only (zero elsewhere)."""
+    sub = kernel[:, sampled].astype(np.float64)
+    ids = np.array([int(np.flatnonzero(sampled == label)[0]) for label in y])
+    cos = ref.cosine(x, sub)
+    d_cos = ref.margin_loss_gradient(cos, ids, _S, lambda c: ref.amsoftmax_target(c, _S, _M),
+                                     lambda c: np.full_like(c, _S)) / len(y)
+    x_unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    norms = np.linalg.norm(sub, axis=0, keepdims=True)
+    unit = sub / norms
+    d_unit = x_unit.T @ d_cos
+    gradient = np.zeros(kernel.shape)
+    gradient[:, sampled] = (d_unit - unit * np.sum(unit * d_unit, axis=0, keepdims=True)) / norms
+    return gradient
+
+
+def _keras_sgd(w, m, g, wd, sampled):
+    """keras.optimizers.SGD(lr, momentum=mu, weight_decay=wd), as written in Keras: decay first, decoupled."""
+    w = w - _LR * wd * w
+    m = _MU * m - _LR * g
+    return w + m, m
+
+
+def _pfc_v2(w, m, g, wd, sampled):
+    """PartialFC_V2 + torch SGD: the whole weight is the parameter (coupled decay), m = -lr * buf."""
+    m = _MU * m - _LR * (g + wd * w)
+    return w + m, m
+
+
+def _pfc_v1(w, m, g, wd, sampled):
+    """PartialFC (v1) + torch SGD on the sampled copy only; the rest keep weight and momentum."""
+    w, m = w.copy(), m.copy()
+    m[:, sampled] = _MU * m[:, sampled] - _LR * (g[:, sampled] + wd * w[:, sampled])
+    w[:, sampled] += m[:, sampled]
+    return w, m
+
+
+def _two_sampled_sgd_steps(weight_decay=None, kernel_regularizer=None):
+    """Two train_on_batch steps of a sampled head; returns kernels before/after and each step's sample."""
+    rng = np.random.default_rng(11)
+    head = km.AMSoftmaxHead(_C, s=_S, m=_M, fused_loss=True, sample_rate=_RATE,
+                            kernel_regularizer=kernel_regularizer)
+    embeddings, labels = keras.Input((_D,)), keras.Input((), dtype="int32")
+    model = keras.Model([embeddings, labels], head([embeddings, labels]))
+    model.compile(keras.optimizers.SGD(_LR, momentum=_MU, weight_decay=weight_decay), loss=None)
+    num_sampled = num_sampled_classes(_C, _RATE, _B)
+    kernels, steps = [ops.convert_to_numpy(head.kernel).astype(np.float64)], []
+    for labels_t in ([0, 1, 2, 0], [3, 4, 5, 3]):
+        x = rng.normal(size=(_B, _D)).astype("float32")
+        y = np.array(labels_t, dtype="int32")
+        replay = keras.random.SeedGenerator(0)  # the head's generator state, replayed to read the sample
+        replay.state.assign(ops.convert_to_numpy(head.seed_generator.state))
+        sampled = ops.convert_to_numpy(sample_classes(y, _C, num_sampled, replay)[0]).astype(np.int64)
+        model.train_on_batch([x, y])
+        kernels.append(ops.convert_to_numpy(head.kernel).astype(np.float64))
+        steps.append((x.astype(np.float64), y, sampled))
+    return kernels, steps
+
+
+def _replay(rule, kernels, steps, wd):
+    w, m = kernels[0], np.zeros_like(kernels[0])
+    for x, y, sampled in steps:
+        w, m = rule(w, m, _amsoftmax_kernel_gradient(x, w, y, sampled), wd, sampled)
+    return w
+
+
+def test_momentum_moves_columns_sampled_before_as_partial_fc_v2_does():
+    kernels, steps = _two_sampled_sgd_steps()
+    (_, _, first), (_, _, second) = steps
+    only_first = np.setdiff1d(first, second)
+    never = np.setdiff1d(np.arange(_C), np.union1d(first, second))
+    assert len(only_first) > 0 and len(never) > 0
+    ours = kernels[-1]
+    v2 = _replay(_pfc_v2, kernels, steps, 0.0)
+    v1 = _replay(_pfc_v1, kernels, steps, 0.0)
+    np.testing.assert_allclose(ours, v2, rtol=1e-5, atol=1e-6)
+    # Step 2 moves the columns sampled only at step 1 by mu * (their step-1 change): v2, not v1.
+    np.testing.assert_allclose(ours[:, only_first] - kernels[1][:, only_first],
+                               _MU * (kernels[1][:, only_first] - kernels[0][:, only_first]), rtol=1e-5, atol=1e-7)
+    assert np.abs(ours[:, only_first] - v1[:, only_first]).max() > 1e-3
+    np.testing.assert_array_equal(ours[:, never], kernels[0][:, never])  # never sampled: zero momentum
+
+
+def test_keras_weight_decay_is_decoupled_on_every_column_neither_v1_nor_v2():
+    wd = 0.1
+    kernels, steps = _two_sampled_sgd_steps(weight_decay=wd)
+    (_, _, first), (_, _, second) = steps
+    never = np.setdiff1d(np.arange(_C), np.union1d(first, second))
+    ours = kernels[-1]
+    np.testing.assert_allclose(ours, _replay(_keras_sgd, kernels, steps, wd), rtol=1e-5, atol=1e-6)
+    # Never-sampled columns shrink by (1 - lr * wd) per step; v1 leaves them as they are; v2 decays them
+    # too, but through the momentum (coupled), so by a different factor.
+    np.testing.assert_allclose(ours[:, never], (1 - _LR * wd) ** 2 * kernels[0][:, never], rtol=1e-6)
+    v1, v2 = _replay(_pfc_v1, kernels, steps, wd), _replay(_pfc_v2, kernels, steps, wd)
+    np.testing.assert_array_equal(v1[:, never], kernels[0][:, never])
+    assert np.abs(ours[:, never] - v2[:, never]).max() > 1e-3
+
+
+def test_l2_kernel_regularizer_without_weight_decay_matches_partial_fc_v2_exactly():
+    wd = 0.1
+    kernels, steps = _two_sampled_sgd_steps(kernel_regularizer=keras.regularizers.L2(wd / 2))
+    np.testing.assert_allclose(kernels[-1], _replay(_pfc_v2, kernels, steps, wd), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_take_columns_value_and_gradient_are_the_columns_and_their_scatter(jit):
+    rng = np.random.default_rng(5)
+    kernel = rng.normal(size=(3, 9)).astype("float32")
+    sampled = np.array([7, 2, 5, 0], dtype="int32")
+    upstream = rng.normal(size=(3, 4)).astype("float32")
+    expected_gradient = np.zeros((3, 9), "float32")
+    expected_gradient[:, sampled] = upstream  # d sum(upstream * W[:, sampled]) / dW
+    if keras.backend.backend() == "jax":
+        import jax
+
+        def loss(w):
+            columns = keras_margin.sampling.take_columns(w, sampled)
+            return ops.sum(columns * upstream), columns
+
+        def value_and_grad(w):
+            return jax.value_and_grad(loss, has_aux=True)(w)
+        (_, columns), gradient = (jax.jit(value_and_grad) if jit else value_and_grad)(kernel)
+    else:
+        import tensorflow as tf
+
+        def value_and_grad(w):
+            with tf.GradientTape() as tape:
+                tape.watch(w)
+                columns = keras_margin.sampling.take_columns(w, sampled)
+                loss = tf.reduce_sum(columns * upstream)
+            return columns, tape.gradient(loss, w)
+        columns, gradient = (tf.function(value_and_grad, jit_compile=jit) if jit else value_and_grad)(
+            tf.constant(kernel))
+    np.testing.assert_array_equal(ops.convert_to_numpy(columns), kernel[:, sampled])
+    np.testing.assert_array_equal(ops.convert_to_numpy(gradient), expected_gradient)
