@@ -329,14 +329,20 @@ class MarginHead(CosineDense):
         advances SphereFace's schedule once, however many chunks there are.
         """
         target = self.training_target() if training else (lambda c: c)
+        kernel, class_ids = self.step_kernel(x, class_ids, training)
+        return chunked.margin_loss(x, kernel, class_ids, target, self.scale(x), self.chunk_size,
+                                   self.compute_dtype, chunk_by=self.chunk_by)
+
+    def step_kernel(self, x, class_ids, training: bool):
+        """``(kernel, class_ids)`` of one fused-loss call: with ``sample_rate`` < 1 in training, the sampled
+        columns (Partial FC) and the labels re-indexed into them; otherwise the whole kernel and int32 labels."""
         kernel, class_ids = self.kernel, ops.cast(class_ids, "int32")
         if training and self.sample_rate < 1.0:
             num_sampled = sampling.num_sampled_classes(self.units, self.sample_rate, x.shape[0])
             if num_sampled < self.units:
                 sampled, class_ids = sampling.sample_classes(class_ids, self.units, num_sampled, self.seed_generator)
                 kernel = sampling.take_columns(kernel, sampled)
-        return chunked.margin_loss(x, kernel, class_ids, target, self.scale(x), self.chunk_size,
-                                   self.compute_dtype, chunk_by=self.chunk_by)
+        return kernel, class_ids
 
     def compute_output_shape(self, input_shape):
         if self.fused_loss and isinstance(input_shape, (list, tuple)) and isinstance(input_shape[0], (list, tuple)):
@@ -1104,12 +1110,7 @@ class _BatchStatisticHead(MarginHead):
 
     def per_sample_loss(self, x, class_ids, training: bool = False):
         """Per-sample loss (batch,) of embeddings and int32 class ids (unchunked; class-sampled if allowed)."""
-        kernel, class_ids = self.kernel, ops.cast(class_ids, "int32")
-        if training and self.sample_rate < 1.0:
-            num_sampled = sampling.num_sampled_classes(self.units, self.sample_rate, x.shape[0])
-            if num_sampled < self.units:
-                sampled, class_ids = sampling.sample_classes(class_ids, self.units, num_sampled, self.seed_generator)
-                kernel = sampling.take_columns(kernel, sampled)
+        kernel, class_ids = self.step_kernel(x, class_ids, training)
         _validation.check_embeddings(type(self).__name__, x, kernel.shape[0])
         cos_theta = cosine_matrix(x, kernel, self.compute_dtype)
         target, nontarget, scale = self.objective(cos_theta, class_ids, training, x)
@@ -1496,16 +1497,11 @@ class MagFaceHead(MarginHead):
     def per_sample_loss(self, x, class_ids, training: bool = False):
         """Per-sample ``CE_i + lambda_g * g(a_i)`` (training) or the plain ``s * cos`` cross-entropy, (batch,),
         with ``chunk_size`` / ``sample_rate``."""
-        kernel, class_ids = self.kernel, ops.cast(class_ids, "int32")
+        kernel, class_ids = self.step_kernel(x, class_ids, training)
         if not training:
             return chunked.margin_loss(x, kernel, class_ids, normface_target, self.s, self.chunk_size,
                                        self.compute_dtype, chunk_by=self.chunk_by)
         a = self.magnitude(x)
-        if self.sample_rate < 1.0:
-            num_sampled = sampling.num_sampled_classes(self.units, self.sample_rate, x.shape[0])
-            if num_sampled < self.units:
-                sampled, class_ids = sampling.sample_classes(class_ids, self.units, num_sampled, self.seed_generator)
-                kernel = sampling.take_columns(kernel, sampled)
         ce = chunked.margin_loss(x, kernel, class_ids, lambda cos_y: self.target(cos_y, a), self.s, self.chunk_size,
                                  self.compute_dtype, chunk_by=self.chunk_by)
         return ce + self.regularizer(a)
