@@ -226,13 +226,16 @@ OBJECTIVES: dict[str, Objective] = {
     "curricularface": Objective("CurricularFace", "CurricularFaceHead", {}),
     "adacos": Objective("AdaCos (adaptive s)", "AdaCosHead", {}),
     "adaface": Objective("AdaFace", "AdaFaceHead", {}),
+    "magface": Objective("MagFace (norm-dependent margin + regularizer)", "MagFaceHead", {}),
+    "lsoftmax": Objective("L-Softmax (unnormalized, lambda annealed)", "LSoftmaxHead", {}),
 }
 # Heads whose scale --s overrides (AdaCos adapts its own; NormFace + C-contrastive learns it).
 FIXED_SCALE = ("NormFaceHead", "SphereFaceHead", "AMSoftmaxHead", "ArcFaceHead", "X2SoftmaxHead",
                "CombinedMarginHead", "SubCenterArcFaceHead", "CurricularFaceHead", "AdaFaceHead")
 # The hyper-parameters each head's table row shows (read back from its get_config(), defaults included).
 SHOWN = {"SphereFaceHead": ("m", "gamma", "lambda_min"), "NormFaceContrastiveHead": ("s", "margin", "agent_weight"),
-         "AdaCosHead": ("s",)}
+         "AdaCosHead": ("s",), "MagFaceHead": ("s", "l_m", "u_m", "lambda_g"),
+         "LSoftmaxHead": ("m", "gamma", "power", "lambda_min")}
 SHOWN_DEFAULT = ("s", "m", "m1", "m2", "m3", "a", "h", "k")
 # Heads whose additive margin --m overrides.
 ADDITIVE_MARGIN = ("AMSoftmaxHead", "ArcFaceHead", "SubCenterArcFaceHead", "CurricularFaceHead", "AdaFaceHead")
