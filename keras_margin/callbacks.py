@@ -214,8 +214,9 @@ class Verification(keras.callbacks.Callback):
                  ext: str = "jpg", preprocessing=None):
         super().__init__()
         from keras_margin.evaluation.images import Preprocessing
+        from keras_margin.evaluation.lfw import index_pairs
         from keras_margin.evaluation.metrics import kfold_accuracy
-        from keras_margin.evaluation.pairs import PairsFileError, image_paths, read_pairs
+        from keras_margin.evaluation.pairs import PairsFileError
 
         def positive_int(name, value):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
@@ -266,13 +267,10 @@ class Verification(keras.callbacks.Callback):
         self.preprocessing = preprocessing
 
         self.pairs_file, self.images = Path(pairs), Path(images)
-        self.pairs = read_pairs(self.pairs_file, ext=ext)
-        self.image_files = image_paths(self.pairs, self.images, source=str(self.pairs_file))
-        row = {path.relative_to(self.images).as_posix(): index for index, path in enumerate(self.image_files)}
-        self._first = np.array([row[pair.first] for pair in self.pairs])
-        self._second = np.array([row[pair.second] for pair in self.pairs])
-        self._labels = np.array([pair.same for pair in self.pairs])
-        self._folds = np.array([pair.fold for pair in self.pairs])
+        indexed = index_pairs(self.pairs_file, self.images, ext=ext)
+        self.pairs, self.image_files = indexed.pairs, indexed.paths
+        self._first, self._second, self._labels, self._folds = (indexed.first, indexed.second, indexed.labels,
+                                                               indexed.folds)
         try:  # the folds and the kinds of pair the protocol needs, checked now rather than after an epoch
             kfold_accuracy(self._labels, np.zeros(len(self.pairs)), self._folds)
         except ValueError as error:

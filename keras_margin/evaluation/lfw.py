@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -19,7 +20,31 @@ from keras_margin.evaluation.pairs import image_paths, read_pairs
 if TYPE_CHECKING:  # pragma: no cover
     import keras
 
-__all__ = ["evaluate_lfw"]
+__all__ = ["PairsIndex", "evaluate_lfw", "index_pairs"]
+
+
+@dataclass(frozen=True)
+class PairsIndex:
+    """A read pairs file against its images folder: each image once (``paths``), each pair's two rows in
+    ``paths`` (``first``, ``second``), whether it is a same-person pair (``labels``) and its fold (``folds``)."""
+
+    pairs: list
+    paths: list
+    first: np.ndarray
+    second: np.ndarray
+    labels: np.ndarray
+    folds: np.ndarray
+
+
+def index_pairs(pairs: str | os.PathLike, images: str | os.PathLike, ext: str = "jpg") -> PairsIndex:
+    """Read and check ``pairs`` (LFW format) against ``images`` (PairsFileError naming file and line) and index it."""
+    pairs_path, images = Path(pairs), Path(images)
+    parsed = read_pairs(pairs_path, ext=ext)
+    paths = image_paths(parsed, images, source=str(pairs_path))
+    row = {path.relative_to(images).as_posix(): index for index, path in enumerate(paths)}
+    return PairsIndex(parsed, paths, np.array([row[pair.first] for pair in parsed], dtype="int64"),
+                      np.array([row[pair.second] for pair in parsed], dtype="int64"),
+                      np.array([pair.same for pair in parsed]), np.array([pair.fold for pair in parsed]))
 
 
 def evaluate_lfw(model: "keras.Model", pairs: str | os.PathLike, images: str | os.PathLike, *,
@@ -78,18 +103,12 @@ def evaluate_lfw(model: "keras.Model", pairs: str | os.PathLike, images: str | o
     resolved = resolve_preprocessing(model, preprocessing, flip, ignore_contract=ignore_contract)
     for message in resolved.warnings:
         warnings.warn(f"evaluate_lfw: {message}", PreprocessingWarning, stacklevel=2)
-    pairs_path = Path(pairs)
-    parsed = read_pairs(pairs_path, ext=ext)
-    paths = image_paths(parsed, images, source=str(pairs_path))
-    index = {path.relative_to(Path(images)).as_posix(): row for row, path in enumerate(paths)}
-    embeddings = compute_embeddings(embedding_model(model), paths, batch_size=batch_size, flip=resolved.flip,
-                                    preprocessing=resolved.preprocessing, progress=progress, ignore_contract=True)
-    first = embeddings[[index[pair.first] for pair in parsed]]
-    second = embeddings[[index[pair.second] for pair in parsed]]
-    scores = cosine_scores(first, second)
-    labels = np.array([pair.same for pair in parsed])
-    folds = np.array([pair.fold for pair in parsed])
-    report = verification_report(labels, scores, folds, fars)
+    indexed = index_pairs(pairs, images, ext=ext)
+    embeddings = compute_embeddings(embedding_model(model), indexed.paths, batch_size=batch_size,
+                                    flip=resolved.flip, preprocessing=resolved.preprocessing, progress=progress,
+                                    ignore_contract=True)
+    scores = cosine_scores(embeddings[indexed.first], embeddings[indexed.second])
+    report = verification_report(indexed.labels, scores, indexed.folds, fars)
     if roc is not None:
         from keras_margin.evaluation.plot import plot_roc
 
