@@ -37,7 +37,7 @@ def sample_classes(class_ids, num_classes: int, num_sampled: int, seed=None):
     """The classes of one step and the batch's labels within them (Partial FC, InsightFace).
 
     Every class present in ``class_ids`` is kept; the remaining ``num_sampled - #positives`` slots are a
-    uniform random subset of the other classes (random scores, positives lifted above all of them, top-k).
+    uniform random subset of the other classes (``random_scores``, positives lifted above all of them, top-k).
 
     Args:
         class_ids: int (batch,) labels in [0, num_classes).
@@ -46,10 +46,10 @@ def sample_classes(class_ids, num_classes: int, num_sampled: int, seed=None):
         seed: a ``keras.random.SeedGenerator`` (or int / None) for the uniform scores.
 
     Returns:
-        ``(sampled, sampled_ids)``: int32 (K,) class indices (the columns to gather from the kernel)
-        and int32 (batch,) labels re-indexed into ``sampled``; -1 for a label that is not in the sampled
-        set (possible only when the batch has more distinct classes than K, or for an out-of-range id),
-        which the loss turns into NaN rather than a wrong number.
+        ``(sampled, sampled_ids)``: int32 (K,) distinct class indices in increasing order (the columns to
+        gather from the kernel) and int32 (batch,) labels re-indexed into ``sampled``; -1 for a label that
+        is not in the sampled set (possible only when the batch has more distinct classes than K, or for an
+        out-of-range id), which the loss turns into NaN rather than a wrong number.
 
     Example:
     >>> import numpy as np
@@ -64,12 +64,55 @@ def sample_classes(class_ids, num_classes: int, num_sampled: int, seed=None):
     safe_ids = ops.where(valid, class_ids, 0)
     # Count of each class in the batch (sparse scatter: O(C), never a (batch, C) one-hot).
     present = ops.scatter(safe_ids[:, None], ops.cast(valid, "float32"), (num_classes,))
-    scores = keras.random.uniform((num_classes,), seed=seed) + 2.0 * ops.cast(present > 0, "float32")
+    scores = ops.where(present > 0, _LIFTED, random_scores(num_classes, seed))
     _, sampled = ops.top_k(scores, num_sampled, sorted=False)
-    sampled = ops.cast(sampled, "int32")
+    # In increasing order: the kernel's columns are then read in memory order (TensorFlow XLA CPU, d=512,
+    # C=85,742: a plain column gather of K=8,575 takes 31 ms unsorted, 14 ms sorted).
+    sampled = ops.sort(ops.cast(sampled, "int32"))
     position = _positions(sampled, num_classes)
     sampled_ids = ops.where(valid, ops.take(position, safe_ids), -1)
     return sampled, sampled_ids
+
+
+# lowbias32 (C. Wellons' integer hash search): x ^= x >> 16; x *= M1; x ^= x >> 15; x *= M2; x ^= x >> 16.
+_HASH_SHIFTS, _HASH_MULTIPLIERS = (16, 15, 16), (0x7FEB352D, 0x846CA68B)
+_SCORE_BITS = 24  # scores are float32 integers below 2^24: exact, and top-k on float32 is fast
+_LIFTED = float(2**_SCORE_BITS)  # above every score: the positives' score
+
+
+def _hash32(h):
+    """lowbias32 of a uint32 tensor (multiplications wrap modulo 2^32)."""
+    for shift, multiplier in zip(_HASH_SHIFTS[:2], _HASH_MULTIPLIERS):
+        h = ops.bitwise_xor(h, ops.right_shift(h, shift))
+        h = ops.multiply(h, ops.convert_to_tensor(multiplier, "uint32"))
+    return ops.bitwise_xor(h, ops.right_shift(h, _HASH_SHIFTS[2]))
+
+
+def random_scores(num_classes: int, seed=None):
+    """float32 (C,) pseudo-random integer scores in [0, 2^24), one per class; a new draw from ``seed`` per call.
+
+    Formula:
+    ```
+    k1, k2 = keras.random.randint((2,), 0, 2^31 - 1, seed)      two keys: the only draw from the generator
+    score_j = hash(hash(j ^ k1) ^ k2) >> 8                      hash: the lowbias32 integer hash
+    ```
+    The top-k of the scores is a uniform random subset of the classes (tested for uniform inclusion and
+    for pairs sampled together). A counter-based hash rather than ``keras.random.uniform((C,))`` for
+    speed: under TensorFlow XLA on CPU, Keras' uniform over 85,742 classes takes 38 ms (its default
+    stateless algorithm); two rounds of the hash take 0.3 ms, the same ops on every backend. Float32,
+    not int32: XLA's CPU top-k of 8,575 from 85,742 takes 4 ms on float32 and 23 ms on int32.
+
+    Example:
+    >>> import numpy as np
+    >>> from keras import ops
+    >>> scores = ops.convert_to_numpy(random_scores(1000, seed=0))
+    >>> bool(scores.min() >= 0 and scores.max() < 2**24 and len(np.unique(scores)) > 990)
+    True
+    """
+    keys = ops.cast(keras.random.randint((2,), 0, 2**31 - 1, seed=seed, dtype="int32"), "uint32")
+    h = ops.cast(ops.arange(num_classes, dtype="int32"), "uint32")
+    h = _hash32(ops.bitwise_xor(_hash32(ops.bitwise_xor(h, keys[0])), keys[1]))
+    return ops.cast(ops.cast(ops.right_shift(h, 32 - _SCORE_BITS), "int32"), "float32")
 
 
 def _positions(sampled, num_classes: int):
@@ -126,6 +169,25 @@ def take_columns(kernel, sampled):
             d_kernel = ops.where(position[None, :] >= 0, columns, ops.zeros_like(columns))
             return ops.cast(d_kernel, kernel.dtype), None
 
-        return ops.take(kernel, sampled, axis=1), grad
+        return _gather_columns(kernel, sampled), grad
 
     return op(kernel, sampled)
+
+
+def _gather_columns(kernel, sampled):
+    """``kernel[:, sampled]`` (d, K), gathered as single elements of the flat kernel where int32 indexes it.
+
+    The values of ``ops.take(kernel, sampled, axis=1)``, which XLA on CPU forms in (K, d) order (each
+    column read with a stride of C); that transposed layout then reaches the later (d, K) operations, the
+    backward pass's (d, C) gradient loop included. The flat gather writes (d, K) in row order. TensorFlow
+    XLA, d=512, C=85,742, K=8,575 sorted classes: the gather 8.7 ms against 13.6 ms, the whole Partial FC
+    training step 92 ms against 119 ms.
+    """
+    d, num_classes = kernel.shape
+    if d * num_classes >= _FLAT_INDEX_LIMIT:
+        return ops.take(kernel, sampled, axis=1)
+    flat = ops.reshape(ops.arange(d, dtype="int32")[:, None] * num_classes + sampled[None, :], (-1,))
+    return ops.reshape(ops.take(ops.reshape(kernel, (-1,)), flat), (d, sampled.shape[0]))
+
+
+_FLAT_INDEX_LIMIT = 2**31  # flat int32 indices of the kernel; above, the plain column gather

@@ -8,7 +8,7 @@ import pytest
 from keras import ops
 
 import keras_margin as km
-import keras_margin.sampling
+from keras_margin import sampling
 from keras_margin.chunked import margin_loss
 from keras_margin.sampling import num_sampled_classes, sample_classes
 from tests import numpy_reference as ref
@@ -28,7 +28,7 @@ def test_sampled_classes_keep_every_positive_and_relabel_into_the_sample():
     labels = np.array([5, 17, 5, 99, 0, 42], dtype="int32")
     sampled, sampled_ids = sample_classes(labels, num_classes=100, num_sampled=20, seed=3)
     sampled, sampled_ids = ops.convert_to_numpy(sampled), ops.convert_to_numpy(sampled_ids)
-    assert sampled.shape == (20,) and len(set(sampled.tolist())) == 20
+    assert sampled.shape == (20,) and np.all(np.diff(sampled) > 0)  # distinct, in increasing order
     assert set(labels.tolist()) <= set(sampled.tolist())
     np.testing.assert_array_equal(sampled[sampled_ids], labels)
 
@@ -115,7 +115,7 @@ def test_training_with_rate_point_one_converges_on_a_separable_problem():
 
 
 def test_docstring_examples_run():
-    result = doctest.testmod(keras_margin.sampling, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    result = doctest.testmod(sampling, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
 
 
@@ -237,8 +237,11 @@ def test_l2_kernel_regularizer_without_weight_decay_matches_partial_fc_v2_exactl
     np.testing.assert_allclose(kernels[-1], _replay(_pfc_v2, kernels, steps, wd), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("flat_gather", [True, False])
 @pytest.mark.parametrize("jit", [False, True])
-def test_take_columns_value_and_gradient_are_the_columns_and_their_scatter(jit):
+def test_take_columns_value_and_gradient_are_the_columns_and_their_scatter(jit, flat_gather, monkeypatch):
+    if not flat_gather:  # the plain column gather of kernels too large for flat int32 indices
+        monkeypatch.setattr(sampling, "_FLAT_INDEX_LIMIT", 0)
     rng = np.random.default_rng(5)
     kernel = rng.normal(size=(3, 9)).astype("float32")
     sampled = np.array([7, 2, 5, 0], dtype="int32")
@@ -249,7 +252,7 @@ def test_take_columns_value_and_gradient_are_the_columns_and_their_scatter(jit):
         import jax
 
         def loss(w):
-            columns = keras_margin.sampling.take_columns(w, sampled)
+            columns = sampling.take_columns(w, sampled)
             return ops.sum(columns * upstream), columns
 
         def value_and_grad(w):
@@ -261,10 +264,43 @@ def test_take_columns_value_and_gradient_are_the_columns_and_their_scatter(jit):
         def value_and_grad(w):
             with tf.GradientTape() as tape:
                 tape.watch(w)
-                columns = keras_margin.sampling.take_columns(w, sampled)
+                columns = sampling.take_columns(w, sampled)
                 loss = tf.reduce_sum(columns * upstream)
             return columns, tape.gradient(loss, w)
         columns, gradient = (tf.function(value_and_grad, jit_compile=jit) if jit else value_and_grad)(
             tf.constant(kernel))
     np.testing.assert_array_equal(ops.convert_to_numpy(columns), kernel[:, sampled])
     np.testing.assert_array_equal(ops.convert_to_numpy(gradient), expected_gradient)
+
+
+def test_score_hash_is_lowbias32_with_32_bit_wrap_around():
+    """The backend's uint32 arithmetic wraps as the hash needs (reference: the hash in Python integers)."""
+    def lowbias32(v):
+        v ^= v >> 16
+        v = (v * 0x7FEB352D) % 2**32
+        v ^= v >> 15
+        v = (v * 0x846CA68B) % 2**32
+        return v ^ (v >> 16)
+
+    values = [0, 1, 2, 12345, 2**31 - 1, 2**31, 2**32 - 1]
+    got = ops.convert_to_numpy(sampling._hash32(ops.convert_to_tensor(np.array(values, dtype="uint32"))))
+    assert got.tolist() == [lowbias32(v) for v in values]
+
+
+def test_pairs_of_negatives_are_sampled_together_as_often_as_uniform_subsets_are():
+    labels = np.array([0], dtype="int32")
+    num_classes, num_sampled, draws = 12, 4, 600
+    seed = keras.random.SeedGenerator(5)
+    together = np.zeros((num_classes, num_classes))
+    subsets = set()
+    for _ in range(draws):
+        sampled = ops.convert_to_numpy(sample_classes(labels, num_classes, num_sampled, seed)[0])
+        subsets.add(tuple(sorted(sampled.tolist())))
+        inside = np.zeros(num_classes, bool)
+        inside[sampled] = True
+        together += np.outer(inside, inside)
+    # 3 free slots among 11 negatives: a given pair is in the subset with probability C(9,1)/C(11,3) = 9/165
+    # (std ~0.0093 over 600 draws); all C(11,3) = 165 subsets are reachable and most of them appear.
+    pairs = together[1:, 1:][~np.eye(num_classes - 1, dtype=bool)] / draws
+    np.testing.assert_allclose(pairs, 9 / 165, atol=0.035)
+    assert len(subsets) > 140
