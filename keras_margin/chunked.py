@@ -18,6 +18,7 @@ from keras_margin.core import (  # _NORM_EPS: the epsilon of l2_normalize / cosi
     l2_normalize,
     margin_cross_entropy,
     per_sample_scale,
+    upstream_gradients,
 )
 
 _NEG_INF = float("-inf")
@@ -101,10 +102,7 @@ def nontarget_logsumexp(x, kernel, class_ids, scale, chunk_size: int, compute_dt
         )
 
         def grad(*upstream, **_):
-            # TF passes one gradient per output; JAX passes the outputs' structure, a tuple.
-            if len(upstream) == 1 and isinstance(upstream[0], (tuple, list)):
-                upstream = upstream[0]
-            d_lse, d_cos_target = (ops.cast(g, "float32") for g in upstream)
+            d_lse, d_cos_target = (ops.cast(g, "float32") for g in upstream_gradients(upstream))
             x_unit = l2_normalize(x32)
 
             def backward_chunk(start, is_new, carry):

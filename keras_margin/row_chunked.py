@@ -16,17 +16,12 @@ from keras_margin.core import (  # _NORM_EPS: the epsilon of l2_normalize / cosi
     _NORM_EPS,
     TargetFn,
     _valid,
+    column_sq_norms,
     per_sample_scale,
+    upstream_gradients,
 )
 
 _NEG_INF = float("-inf")
-
-
-def _upstream(upstream):
-    # TF passes one gradient per output; JAX passes the outputs' structure (a tuple for several outputs).
-    if len(upstream) == 1 and isinstance(upstream[0], (tuple, list)):
-        return tuple(upstream[0])
-    return tuple(upstream)
 
 
 def _unit_rows(x32):
@@ -60,7 +55,7 @@ def target_cosine(x, kernel, class_ids):
         cos_y = ops.where(valid, ops.sum(x_unit * w_y, axis=-1) * inv_norm[:, 0], 0.0)
 
         def grad(*upstream, **_):
-            d_cos, d_kernel = _upstream(upstream)
+            d_cos, d_kernel = upstream_gradients(upstream)
             d_cos = ops.where(valid, ops.cast(d_cos, "float32"), 0.0)[:, None]
             d_kernel = ops.zeros(kernel.shape, kernel.dtype) if d_kernel is None else d_kernel
             # cos = <x_unit, w> / |w|:  d/dw = (x_unit - cos * w / |w|) / |w|,  d/dx_unit = w / |w|.
@@ -77,12 +72,6 @@ def target_cosine(x, kernel, class_ids):
         return (cos_y, kernel), grad
 
     return op(x, ops.convert_to_tensor(kernel), ops.cast(class_ids, "int32"))
-
-
-def _column_sq_norms(kernel):
-    """Squared column norms (C,) summed down the leading axis: no transposed (C, d) copy of the kernel
-    (``core.column_sq_norms`` makes one, a second kernel-sized buffer)."""
-    return ops.sum(ops.square(ops.cast(kernel, "float32")), axis=0)
 
 
 def _row_chunks(batch: int, rows: int, body, carry):
@@ -149,7 +138,7 @@ def row_chunked_loss(x, kernel, class_ids, scale, target_logit, rows: int, compu
         x_unit, r = _unit_rows(x32)
         x_mm = ops.cast(x_unit, compute_dtype)
         w_mm = ops.cast(kernel, compute_dtype)            # once, not per chunk (a no-op in float32)
-        inv_norm = ops.rsqrt(_column_sq_norms(kernel) + _NORM_EPS)   # (C,)
+        inv_norm = ops.rsqrt(column_sq_norms(kernel) + _NORM_EPS)   # (C,)
         x_mm_t = ops.transpose(x_mm)                     # (d, batch): the kernel-gradient product untransposed
         columns = ops.arange(num_classes, dtype="int32")[None, :]
 
@@ -204,7 +193,7 @@ def row_chunked_loss(x, kernel, class_ids, scale, target_logit, rows: int, compu
         d_x = _through_unit_rows(x32, r, d_x_unit)
 
         def grad(*upstream, **_):
-            (g,) = _upstream(upstream)
+            (g,) = upstream_gradients(upstream)
             g = ops.cast(g, "float32")
 
             def reweighted():

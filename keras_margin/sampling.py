@@ -12,6 +12,7 @@ import keras
 from keras import ops
 
 from keras_margin import _validation
+from keras_margin.core import upstream_gradients
 
 
 def check_sample_rate(owner: str, sample_rate) -> float:
@@ -161,10 +162,7 @@ def take_columns(kernel, sampled):
         position = _positions(sampled, num_classes)
 
         def grad(*upstream, **_):
-            # TF passes one gradient per output; JAX passes the output's structure.
-            upstream = upstream[0]
-            if isinstance(upstream, (tuple, list)):
-                upstream = upstream[0]
+            (upstream,) = upstream_gradients(upstream)
             columns = ops.take(upstream, ops.maximum(position, 0), axis=1)
             d_kernel = ops.where(position[None, :] >= 0, columns, ops.zeros_like(columns))
             return ops.cast(d_kernel, kernel.dtype), None
