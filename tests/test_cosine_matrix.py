@@ -1,0 +1,83 @@
+"""core.cosine_matrix and core.column_sq_norms: values and written-out gradients against float64 NumPy
+(the formula, and central finite differences of it), on every backend, with and without XLA."""
+
+import keras
+import numpy as np
+import pytest
+
+from keras_margin import core
+from tests import numpy_reference as ref
+
+pytestmark = pytest.mark.backend_agnostic
+
+
+def _value_and_gradients(fn, upstream, *args, jit=False):
+    """``fn(*args)`` and the gradients of ``sum(upstream * fn(*args))`` w.r.t. every argument."""
+    if keras.backend.backend() == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        def loss(*a):
+            out = fn(*a)
+            return jnp.sum(upstream * out), out
+
+        grad_fn = jax.grad(loss, argnums=tuple(range(len(args))), has_aux=True)
+        grad_fn = jax.jit(grad_fn) if jit else grad_fn
+        grads, out = grad_fn(*[jnp.asarray(a) for a in args])
+        return np.asarray(out), [np.asarray(g) for g in grads]
+    import tensorflow as tf
+
+    def value_and_grads(*a):
+        with tf.GradientTape() as tape:
+            for t in a:
+                tape.watch(t)
+            out = fn(*a)
+            loss = tf.reduce_sum(upstream * out)
+        return out, tape.gradient(loss, list(a))
+
+    if jit:
+        value_and_grads = tf.function(value_and_grads, jit_compile=True)
+    out, grads = value_and_grads(*[tf.constant(a) for a in args])
+    return out.numpy(), [g.numpy() for g in grads]
+
+
+def _finite_differences(f, args, upstream, step=1e-6):
+    """Central differences of ``sum(upstream * f(*args))`` in float64, one gradient per argument."""
+    grads = []
+    for i, a in enumerate(args):
+        grad = np.zeros_like(a)
+        for index in np.ndindex(a.shape):
+            shifted = [arg.copy() for arg in args]
+            shifted[i][index] += step
+            up = np.sum(upstream * f(*shifted))
+            shifted[i][index] -= 2 * step
+            down = np.sum(upstream * f(*shifted))
+            grad[index] = (up - down) / (2 * step)
+        grads.append(grad)
+    return grads
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_cosine_matrix_value_and_gradients_match_float64_finite_differences(jit):
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(5, 7))
+    kernel = rng.normal(size=(7, 9))
+    kernel[:, 4] *= 1e-3  # a short column: its norm's derivative is large
+    upstream = rng.normal(size=(5, 9)).astype("float32")
+    got, (d_x, d_kernel) = _value_and_gradients(core.cosine_matrix, upstream, x.astype("float32"),
+                                                kernel.astype("float32"), jit=jit)
+    np.testing.assert_allclose(got, ref.cosine(x, kernel), rtol=1e-5, atol=1e-6)
+    want_x, want_kernel = _finite_differences(ref.cosine, [x, kernel], upstream.astype(np.float64))
+    np.testing.assert_allclose(d_x, want_x, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(d_kernel, want_kernel, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7, 512, 513])
+def test_column_sq_norms_of_any_row_count_and_their_gradient(rows):
+    """The pairwise halving carries odd rows: every row count sums every row once."""
+    rng = np.random.default_rng(rows)
+    kernel = rng.normal(size=(rows, 6)).astype("float32")
+    upstream = rng.normal(size=(6,)).astype("float32")
+    got, (d_kernel,) = _value_and_gradients(core.column_sq_norms, upstream, kernel, jit=True)
+    np.testing.assert_allclose(got, np.sum(kernel.astype(np.float64) ** 2, axis=0), rtol=1e-6)
+    np.testing.assert_allclose(d_kernel, 2.0 * kernel * upstream, rtol=1e-6)
