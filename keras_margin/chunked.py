@@ -18,6 +18,7 @@ from keras_margin.core import (  # _NORM_EPS: the epsilon of l2_normalize / cosi
     l2_normalize,
     margin_cross_entropy,
     per_sample_scale,
+    unit_column_product_gradients,
     upstream_gradients,
 )
 
@@ -117,15 +118,11 @@ def nontarget_logsumexp(x, kernel, class_ids, scale, chunk_size: int, compute_dt
                                                                        d_cos_target[:, None], 0.0)
                 d_scale = d_scale + d_lse * ops.sum(softmax * cos, axis=-1)
                 # cos = (x_unit @ w) * inv_norm, inv_norm = (|w|^2 + eps)^(-1/2), column by column.
-                d_product = d_cos * inv_norm
-                d_x_unit = d_x_unit + ops.cast(
-                    ops.matmul(ops.cast(d_product, compute_dtype), ops.cast(ops.transpose(w), compute_dtype)),
-                    "float32",
-                )
-                d_w = ops.cast(
-                    ops.matmul(ops.cast(ops.transpose(x_unit), compute_dtype), ops.cast(d_product, compute_dtype)),
-                    "float32",
-                ) - w * (ops.square(inv_norm) * ops.sum(d_cos * cos, axis=0))
+                # A plain column sum: the pairwise halving would keep halved (batch, chunk) copies alive in
+                # the loop, and JAX reduces a chunk's few thousand columns quickly.
+                d_x_chunk, d_w = unit_column_product_gradients(x_unit, w, inv_norm, cos, d_cos, compute_dtype,
+                                                               reduce_rows=lambda a: ops.sum(a, axis=0))
+                d_x_unit = d_x_unit + d_x_chunk
                 # Columns already covered by the previous chunk get d_w = 0 here: accumulate, in place.
                 d_w = ops.slice(d_kernel, (0, start), (embedding_dim, chunk_size)) + ops.cast(d_w, d_kernel.dtype)
                 d_kernel = ops.slice_update(d_kernel, (0, start), d_w)

@@ -48,7 +48,7 @@ def _unit_column_product(x_unit, kernel, compute_dtype: str):
     d W      = x_unit^T @ (G * r) - W * r^2 * colsum(G * cos)
     ```
     Autodiff forms ``colsum`` as a reduction down the batch axis of a (batch, C) array, which JAX's XLA
-    on CPU runs several times slower than a pass over it; here it is ``_column_sums``, and the
+    on CPU runs several times slower than a pass over it; here it is ``column_sums``, and the
     kernel-sized terms fuse into one loop.
     """
 
@@ -60,18 +60,28 @@ def _unit_column_product(x_unit, kernel, compute_dtype: str):
 
         def grad(*upstream, **_):
             (d_cos,) = upstream_gradients(upstream)
-            d_cos = ops.cast(d_cos, "float32")
-            scaled = d_cos * inv_norm
-            d_x_unit = ops.matmul(ops.cast(scaled, compute_dtype), ops.transpose(ops.cast(kernel, compute_dtype)))
-            d_kernel = ops.cast(ops.matmul(ops.transpose(ops.cast(x_unit, compute_dtype)),
-                                           ops.cast(scaled, compute_dtype)), "float32")
-            d_kernel = d_kernel - ops.cast(kernel, "float32") * (ops.square(inv_norm)
-                                                                 * _column_sums(d_cos * cos))
+            d_x_unit, d_kernel = unit_column_product_gradients(x_unit, kernel, inv_norm, cos, d_cos, compute_dtype)
             return ops.cast(d_x_unit, x_unit.dtype), ops.cast(d_kernel, kernel.dtype)
 
         return cos, grad
 
     return op(x_unit, ops.convert_to_tensor(kernel))
+
+
+def unit_column_product_gradients(x_unit, kernel, inv_norm, cos, d_cos, compute_dtype: str = "float32",
+                                  reduce_rows: Callable[[Any], Any] | None = None):
+    """float32 ``(d x_unit, d W)`` of ``cos = (x_unit @ W) * inv_norm`` for the upstream ``d_cos``.
+
+    The formula of ``_unit_column_product``; the class-chunked loss's backward pass uses it per chunk,
+    with ``reduce_rows`` (default ``column_sums``) a plain reduction there.
+    """
+    reduce_rows = column_sums if reduce_rows is None else reduce_rows
+    d_cos = ops.cast(d_cos, "float32")
+    scaled = ops.cast(d_cos * inv_norm, compute_dtype)
+    d_x_unit = ops.matmul(scaled, ops.transpose(ops.cast(kernel, compute_dtype)))
+    d_kernel = ops.cast(ops.matmul(ops.transpose(ops.cast(x_unit, compute_dtype)), scaled), "float32")
+    d_kernel = d_kernel - ops.cast(kernel, "float32") * (ops.square(inv_norm) * reduce_rows(d_cos * cos))
+    return ops.cast(d_x_unit, "float32"), d_kernel
 
 
 def column_sq_norms(kernel):
@@ -97,7 +107,7 @@ def column_sq_norms(kernel):
     return op(kernel)
 
 
-def _column_sums(a):
+def column_sums(a):
     """Sum over the rows of ``a`` (n, C): pairwise on JAX, whose XLA on CPU reduces a leading axis slowly
     (the AM-Softmax head step at 85,742 classes: 1.5x the matmul floor with the reduction, 1.25x pairwise);
     a reduction on TensorFlow, whose XLA is faster so (387 ms against 418 ms for that step)."""
@@ -107,12 +117,17 @@ def _column_sums(a):
 
 
 def _pairwise_row_sum(a):
-    """Sum over the rows of ``a`` (n, C): the halves added until one row is left (an odd row carried)."""
-    while a.shape[0] > 1:
+    """Sum over the rows of ``a`` (n, C): the halves added (an odd row carried) down to a few rows, which
+    a reduction sums. That last reduction keeps XLA from inlining the final adds, recomputed, into every
+    element of a kernel-sized consumer (Partial FC on JAX: 125 ms for the (d, C) update loop, against 45)."""
+    while a.shape[0] > _PAIRWISE_ROWS:
         half = a.shape[0] // 2
         summed = a[:half] + a[half:2 * half]
         a = summed if a.shape[0] % 2 == 0 else ops.concatenate([summed, a[2 * half:]], axis=0)
-    return a[0]
+    return ops.sum(a, axis=0)
+
+
+_PAIRWISE_ROWS = 16  # rows left to the final reduction
 
 
 def upstream_gradients(upstream) -> tuple:
