@@ -18,6 +18,7 @@ from keras_margin.core import (  # _NORM_EPS: the epsilon of l2_normalize / cosi
     l2_normalize,
     margin_cross_entropy,
     per_sample_scale,
+    read_value,
     unit_column_product_gradients,
     upstream_gradients,
 )
@@ -139,7 +140,7 @@ def nontarget_logsumexp(x, kernel, class_ids, scale, chunk_size: int, compute_dt
 
         return (lse_other, cos_target), grad
 
-    return op(x, ops.convert_to_tensor(kernel), ops.cast(class_ids, "int32"), ops.cast(scale, "float32"))
+    return op(x, read_value(kernel), ops.cast(class_ids, "int32"), ops.cast(scale, "float32"))
 
 
 def chunked_margin_loss(x, kernel, class_ids, target: TargetFn, scale, chunk_size: int,

@@ -65,7 +65,7 @@ def _unit_column_product(x_unit, kernel, compute_dtype: str):
 
         return cos, grad
 
-    return op(x_unit, ops.convert_to_tensor(kernel))
+    return op(x_unit, read_value(kernel))
 
 
 def unit_column_product_gradients(x_unit, kernel, inv_norm, cos, d_cos, compute_dtype: str = "float32",
@@ -128,6 +128,14 @@ def _pairwise_row_sum(a):
 
 
 _PAIRWISE_ROWS = 16  # rows left to the final reduction
+
+
+def read_value(tensor):
+    """A tensor holding the current value of ``tensor`` (a variable, array or tensor), for the inputs of an
+    ``ops.custom_gradient`` op: TensorFlow's eager custom_gradient takes a variable read inside the op for a
+    variable of its own and then expects a second set of gradients (``ops.convert_to_tensor`` of a Keras
+    variable returns the variable on TensorFlow)."""
+    return ops.cast(tensor, keras.backend.standardize_dtype(tensor.dtype))
 
 
 def upstream_gradients(upstream) -> tuple:

@@ -18,6 +18,7 @@ from keras_margin.core import (  # _NORM_EPS: the epsilon of l2_normalize / cosi
     _valid,
     column_sq_norms,
     per_sample_scale,
+    read_value,
     upstream_gradients,
 )
 
@@ -71,7 +72,7 @@ def target_cosine(x, kernel, class_ids):
 
         return (cos_y, kernel), grad
 
-    return op(x, ops.convert_to_tensor(kernel), ops.cast(class_ids, "int32"))
+    return op(x, read_value(kernel), ops.cast(class_ids, "int32"))
 
 
 def _row_chunks(batch: int, rows: int, body, carry):
@@ -211,7 +212,7 @@ def row_chunked_loss(x, kernel, class_ids, scale, target_logit, rows: int, compu
 
         return loss, grad
 
-    return op(x, ops.convert_to_tensor(kernel), ops.cast(class_ids, "int32"), ops.cast(scale, "float32"),
+    return op(x, read_value(kernel), ops.cast(class_ids, "int32"), ops.cast(scale, "float32"),
               ops.cast(target_logit, "float32"))
 
 

@@ -12,7 +12,7 @@ import keras
 from keras import ops
 
 from keras_margin import _validation
-from keras_margin.core import upstream_gradients
+from keras_margin.core import read_value, upstream_gradients
 
 
 def check_sample_rate(owner: str, sample_rate) -> float:
@@ -153,7 +153,7 @@ def take_columns(kernel, sampled):
     >>> ops.convert_to_numpy(take_columns(kernel, np.array([4, 1], dtype="int32"))).tolist()
     [[4.0, 1.0], [10.0, 7.0]]
     """
-    kernel = ops.convert_to_tensor(kernel)
+    kernel = read_value(kernel)
     sampled = ops.cast(sampled, "int32")
     num_classes = kernel.shape[-1]
 

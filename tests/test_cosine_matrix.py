@@ -5,6 +5,7 @@ import keras
 import numpy as np
 import pytest
 
+import keras_margin as km
 from keras_margin import core
 from tests import numpy_reference as ref
 
@@ -81,3 +82,31 @@ def test_column_sq_norms_of_any_row_count_and_their_gradient(rows):
     got, (d_kernel,) = _value_and_gradients(core.column_sq_norms, upstream, kernel, jit=True)
     np.testing.assert_allclose(got, np.sum(kernel.astype(np.float64) ** 2, axis=0), rtol=1e-6)
     np.testing.assert_allclose(d_kernel, 2.0 * kernel * upstream, rtol=1e-6)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow's eager custom_gradient")
+@pytest.mark.parametrize("options", [{}, {"chunk_size": 3}, {"chunk_size": 2, "chunk_by": "rows"},
+                                     {"sample_rate": 0.5}], ids=["dense", "chunked", "rows", "sampled"])
+def test_eager_gradients_equal_compiled_ones_for_every_fused_path(options):
+    """Custom-gradient ops get the kernel's value, not the variable (read inside, eager TensorFlow took it for
+    a variable of the op's own and failed: 'Must return gradient for each variable')."""
+    import tensorflow as tf
+
+    x = tf.constant(np.random.default_rng(0).normal(size=(4, 8)).astype("float32"))
+    y = tf.constant([0, 1, 2, 3])
+    head = km.AMSoftmaxHead(10, fused_loss=True, **options)
+    head.build([(4, 8), (4,)])
+    state = head.seed_generator.state.numpy() if options.get("sample_rate") else None
+
+    def gradients():
+        if state is not None:  # the same sampled classes in both calls
+            head.seed_generator.state.assign(state)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(head([x, y], training=True))
+        return tape.gradient(loss, [x, head.kernel.value])
+
+    eager = [g.numpy() for g in gradients()]
+    compiled = [g.numpy() for g in tf.function(gradients, jit_compile=True)()]
+    for got, want in zip(eager, compiled):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
