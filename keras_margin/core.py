@@ -33,7 +33,7 @@ def cosine_matrix(x, kernel, compute_dtype: str = "float32"):
     ```
     The matrix product runs in ``compute_dtype`` (float16/bfloat16 under mixed precision); the norms and
     the result are float32. Column norms scale the product instead of materializing a normalized copy of
-    the (d, C) kernel. The gradient is written out (``_unit_column_product``), its column sums pairwise.
+    the (d, C) kernel. The gradient is written out (``_unit_column_product``).
     """
     return _unit_column_product(l2_normalize(x, axis=-1), kernel, compute_dtype)
 
@@ -87,9 +87,9 @@ def unit_column_product_gradients(x_unit, kernel, inv_norm, cos, d_cos, compute_
 def column_sq_norms(kernel):
     """Squared L2 norm of each column of a (d, C) kernel, (C,) float32.
 
-    Formula: ``n_j = sum_i W[i, j]^2``, summed pairwise (the rows halved and added until one is left),
-    with the gradient ``dn_j / dW[i, j] = 2 W[i, j]`` given directly. The halving adds are one elementwise
-    loop over the columns for XLA, reading the kernel once: on CPU, d=512, C=85,742, 30 ms on JAX and
+    Formula: ``n_j = sum_i W[i, j]^2``, summed pairwise (the rows halved and added down to 16, then a
+    reduction), with the gradient ``dn_j / dW[i, j] = 2 W[i, j]`` given directly. The halving adds fuse
+    into a pass over the kernel for XLA: on CPU, d=512, C=85,742, 30 ms on JAX and
     15 ms on TensorFlow, against 86 ms (JAX, through a transpose; its reduction down the leading axis
     takes 255 ms) and 31 ms (TensorFlow, down the leading axis). No matmul (ones @ W^2): its precision
     varies by device. Pairwise summation is also the more accurate float32 sum.
