@@ -24,12 +24,18 @@ one warm-up step. Memory, two ways:
 issue's targets are chunked extra <= 10% of dense extra, chunked time <= 1.05x dense at 85,742
 classes and below dense at 1,000,000.
 
+The update is ``w -= 0.1 g`` by default; ``--optimizer momentum`` makes it Keras' ``SGD(0.1, momentum=0.9)``
+(``stateless_apply`` / ``apply``) for every path. "sampled-v1" is Partial FC with ``sample_update="sampled"``
+and the optimizer wrapped in ``keras_margin.PartialFCOptimizer`` (InsightFace's first version: the columns
+outside the sample and their momentum restored after the step).
+
 Usage:
     KERAS_BACKEND=jax python benchmarks/large_classes.py                 # 10,516 and 85,742 classes
     KERAS_BACKEND=tensorflow python benchmarks/large_classes.py --million  # also 1,000,000 classes
     python benchmarks/large_classes.py --backend jax --classes 85742 --reps 5 --chunk-rows 32,64
     python benchmarks/large_classes.py --backend tensorflow --jit off   # TF without XLA (its CPU default)
     python benchmarks/large_classes.py --paths dense,rows,classes,sampled  # both chunkings, Partial FC (0.1)
+    python benchmarks/large_classes.py --paths dense,sampled,sampled-v1 --optimizer momentum  # PartialFC v1 / V2
     python benchmarks/large_classes.py --quick                          # small sizes: a smoke test
 """
 
@@ -68,7 +74,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="TensorFlow only: off runs the step as a plain tf.function (Keras' CPU default)")
     parser.add_argument("--paths", default="dense,rows,classes",
                         help="comma-separated, from dense, rows (chunk_by='rows'), classes (chunk_by='classes'), "
-                             "sampled")
+                             "sampled, sampled-v1")
+    parser.add_argument("--optimizer", choices=["plain", "momentum"], default="plain",
+                        help="plain: w -= 0.1 g; momentum: keras.optimizers.SGD(0.1, momentum=0.9)")
     parser.add_argument("--headroom", type=float, default=0.85,
                         help="run a configuration only if its estimate is below this share of MemAvailable")
     parser.add_argument("--quick", action="store_true", help="batch 64, dim 64, 20,000 classes, 1 rep")
@@ -92,7 +100,24 @@ def path_options(path: str) -> dict:
         return {"chunk_size": int(size), "chunk_by": by}
     if path == "sampled":
         return {"sample_rate": SAMPLE_RATE}
+    if path == "sampled-v1":
+        return {"sample_rate": SAMPLE_RATE, "sample_update": "sampled"}
     raise ValueError(f"unknown path {path!r}")
+
+
+def _optimizer(config: dict, variables):
+    """The Keras optimizer of the step, built on ``variables``; None for the plain ``w -= 0.1 g`` update."""
+    if config["optimizer"] == "plain" and config["path"] != "sampled-v1":
+        return None
+    import keras
+
+    import keras_margin as km
+
+    optimizer = keras.optimizers.SGD(0.1, momentum=0.9 if config["optimizer"] == "momentum" else 0.0)
+    if config["path"] == "sampled-v1":
+        optimizer = km.PartialFCOptimizer(optimizer)
+    optimizer.build(variables)
+    return optimizer
 
 
 # --------------------------------------------------------------------------------------------------
@@ -146,24 +171,29 @@ def _run_jax(config: dict) -> dict:
     head.build([x.shape, y.shape])
     trainable = [v.value for v in head.trainable_variables]
     non_trainable = [v.value for v in head.non_trainable_variables]
+    optimizer = _optimizer(config, head.trainable_variables)
+    slots = [] if optimizer is None else [v.value for v in optimizer.variables]
     x, y = jnp.asarray(x), jnp.asarray(y)
 
     def loss_fn(trainable, x, non_trainable):
         per_sample, non_trainable = head.stateless_call(trainable, non_trainable, [x, y], training=True)
         return jnp.mean(per_sample), non_trainable
 
-    def step(trainable, non_trainable, x):
+    def step(trainable, non_trainable, slots, x):
         (loss, non_trainable), (d_trainable, d_x) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
             trainable, x, non_trainable)
-        trainable = [w - 0.1 * g for w, g in zip(trainable, d_trainable)]
-        return trainable, non_trainable, d_x, loss
+        if optimizer is None:
+            trainable = [w - 0.1 * g for w, g in zip(trainable, d_trainable)]
+        else:
+            trainable, slots = optimizer.stateless_apply(slots, d_trainable, trainable)
+        return trainable, non_trainable, slots, d_x, loss
 
-    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(trainable, non_trainable, x).compile()
+    compiled = jax.jit(step, donate_argnums=(0, 1, 2)).lower(trainable, non_trainable, slots, x).compile()
     analysis = compiled.memory_analysis()
     resident = analysis.argument_size_in_bytes + analysis.output_size_in_bytes - analysis.alias_size_in_bytes
     # Without donation: XLA copies a donated kernel that a while loop reads (one kernel-sized buffer,
     # any loop, also a 10-line fori_loop), so the chunked paths are also shown without it.
-    plain = jax.jit(step).lower(trainable, non_trainable, x).compile().memory_analysis()
+    plain = jax.jit(step).lower(trainable, non_trainable, slots, x).compile().memory_analysis()
     result = {"xla_temp": analysis.temp_size_in_bytes, "xla_temp_undonated": plain.temp_size_in_bytes,
               "estimate": resident + analysis.temp_size_in_bytes}
     if result["estimate"] > config["headroom"] * _mem_available():
@@ -171,13 +201,12 @@ def _run_jax(config: dict) -> dict:
                                      f"of MemAvailable {_mem_available() / GIB:.1f} GiB"}
 
     def run_once(state):
-        trainable, non_trainable = state
         start = time.perf_counter()
-        trainable, non_trainable, d_x, loss = compiled(trainable, non_trainable, x)
-        jax.block_until_ready((trainable, d_x, loss))
-        return (trainable, non_trainable), time.perf_counter() - start, float(loss)
+        trainable, non_trainable, slots, d_x, loss = compiled(*state, x)
+        jax.block_until_ready((trainable, slots, d_x, loss))
+        return (trainable, non_trainable, slots), time.perf_counter() - start, float(loss)
 
-    return {**result, **_measure(run_once, (trainable, non_trainable), config)}
+    return {**result, **_measure(run_once, (trainable, non_trainable, slots), config)}
 
 
 def _run_tensorflow(config: dict) -> dict:
@@ -196,6 +225,7 @@ def _run_tensorflow(config: dict) -> dict:
     head.build([x.shape, y.shape])
     x, y = tf.constant(x), tf.constant(y)
     variables = [v.value for v in head.trainable_variables]  # the tf.Variables
+    optimizer = _optimizer(config, head.trainable_variables)
 
     @tf.function(jit_compile=config.get("jit", "on") == "on")
     def step(x, y):
@@ -203,8 +233,11 @@ def _run_tensorflow(config: dict) -> dict:
             tape.watch(x)
             loss = tf.reduce_mean(head([x, y], training=True))
         *d_variables, d_x = tape.gradient(loss, variables + [x])
-        for variable, gradient in zip(variables, d_variables):
-            variable.assign_sub(0.1 * tf.convert_to_tensor(gradient))
+        if optimizer is not None:
+            optimizer.apply(d_variables, head.trainable_variables)
+        else:
+            for variable, gradient in zip(variables, d_variables):
+                variable.assign_sub(0.1 * tf.convert_to_tensor(gradient))
         return loss, d_x
 
     step.get_concrete_function(x, y)  # trace; XLA compiles on the first call (the warm-up, before the reset)
@@ -285,13 +318,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             paths += [f"rows {int(rows)}" for rows in args.chunk_rows.split(",")]
         elif name == "classes":
             paths += [f"classes {int(size)}" for size in args.chunk_classes.split(",")]
-        elif name in ("dense", "sampled"):
+        elif name in ("dense", "sampled", "sampled-v1"):
             paths.append(name)
         else:
-            raise SystemExit(f"unknown --paths {name!r}; choose from dense, rows, classes, sampled")
+            raise SystemExit(f"unknown --paths {name!r}; choose from dense, rows, classes, sampled, sampled-v1")
     jit = "XLA" if args.backend == "jax" or args.jit == "on" else "no XLA"
     print(f"backend {args.backend} ({jit}), batch {args.batch}, embedding {args.dim}, AM-Softmax (s=30, m=0.35), "
-          f"{os.cpu_count()} CPUs, MemAvailable {_mem_available() / GIB:.1f} GiB; median of {args.reps} steps")
+          f"update {args.optimizer}, {os.cpu_count()} CPUs, MemAvailable {_mem_available() / GIB:.1f} GiB; median of {args.reps} steps")
     results = []
     for classes in [int(c) for c in args.classes.split(",")]:
         gradient = args.dim * classes * 4
@@ -303,7 +336,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         dense = {}
         for path in paths:
             config = {"backend": args.backend, "classes": classes, "batch": args.batch, "dim": args.dim,
-                      "reps": args.reps, "path": path, "headroom": args.headroom, "jit": args.jit}
+                      "reps": args.reps, "path": path, "headroom": args.headroom, "jit": args.jit,
+                      "optimizer": args.optimizer}
             result = {**config, **_run_child(config)}
             for key in ("xla_temp", "xla_temp_undonated", "rss_peak"):
                 if result.get(key) is not None:

@@ -27,6 +27,7 @@ from keras_margin.layers import (
     X2SoftmaxHead,
 )
 from keras_margin.losses import normface_scale_lower_bound
+from keras_margin.partial_fc import PartialFCOptimizer
 from keras_margin.version import __version__
 from keras_margin_cli import plugins as _plugins
 
@@ -60,6 +61,7 @@ __all__ = [
     "MarginHead",
     "NormFaceContrastiveHead",
     "NormFaceHead",
+    "PartialFCOptimizer",
     "SphereFaceHead",
     "SubCenterArcFaceHead",
     "X2SoftmaxHead",

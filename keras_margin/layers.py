@@ -79,6 +79,14 @@ _HEAD_ARGS = """\
             training step keeps the batch's classes plus a uniform random subset of the others,
             `max(ceil(sample_rate * num_classes), batch)` classes in all (an approximation of the loss;
             evaluation uses every class). Defaults to `1.0` (all classes).
+        sample_update: `"all"` or `"sampled"`, what the optimizer does to the columns a Partial FC step
+            did not sample (their gradient is zero). `"all"`: InsightFace's PartialFC_V2; the optimizer
+            steps every column, so momentum and weight decay still move unsampled ones. `"sampled"`:
+            InsightFace's first PartialFC; unsampled columns and their optimizer state stay as they
+            are. Needs `sample_rate` < 1 and the optimizer wrapped in
+            `keras_margin.PartialFCOptimizer`, which reads the sample from the gradient of an extra
+            `(num_classes,)` weight, `sampled_columns`; that weight is overwritten with the gradient,
+            so after a step it holds the step's sample (1.0 sampled, 0.0 not). Defaults to `"all"`.
 {{kernel_args}}
         **kwargs: Base layer keyword arguments, such as `name` and `dtype`."""
 
@@ -257,7 +265,8 @@ class MarginHead(CosineDense):
     """
 
     def __init__(self, num_classes: int, s: float, chunk_size: int | None = None,
-                 sample_rate: float = 1.0, fused_loss: bool = False, chunk_by: str = "classes", **kwargs):
+                 sample_rate: float = 1.0, fused_loss: bool = False, chunk_by: str = "classes",
+                 sample_update: str = "all", **kwargs):
         owner = type(self).__name__
         num_classes = _validation.check_count(owner, "num_classes", num_classes, minimum=2)
         super().__init__(num_classes, **kwargs)
@@ -275,9 +284,20 @@ class MarginHead(CosineDense):
                 "fused_loss=True as well (head([x, labels]) then adds and returns the per-sample loss; compile "
                 "with loss=None)."
             )
+        self.sample_update = sampling.check_sample_update(owner, sample_update, self.sample_rate)
         if self.sample_rate < 1.0:
             self.seed_generator = keras.random.SeedGenerator()
         losses.register_head(self)
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        if self.sample_update == "sampled":
+            # Its gradient is the step's sample (sampling.take_columns); PartialFCOptimizer reads it. Overwritten
+            # with that gradient by any Keras optimizer (no momentum or decay), so it is never a parameter.
+            self.sampled_columns = self.add_weight(name="sampled_columns", shape=(self.units,), dtype="float32",
+                                                   initializer="zeros")
+            self.sampled_columns.overwrite_with_gradient = True
+            sampling.pair_sample_marker(self.sampled_columns, self.kernel)
 
     @property
     def num_classes(self) -> int:
@@ -339,9 +359,12 @@ class MarginHead(CosineDense):
         kernel, class_ids = self.kernel, ops.cast(class_ids, "int32")
         if training and self.sample_rate < 1.0:
             num_sampled = sampling.num_sampled_classes(self.units, self.sample_rate, x.shape[0])
+            marker = self.sampled_columns if self.sample_update == "sampled" else None
             if num_sampled < self.units:
                 sampled, class_ids = sampling.sample_classes(class_ids, self.units, num_sampled, self.seed_generator)
-                kernel = sampling.take_columns(kernel, sampled)
+                kernel = sampling.take_columns(kernel, sampled, marker)
+            elif marker is not None:  # the batch covers every class: every column is in the step
+                kernel = sampling.take_columns(kernel, ops.arange(self.units, dtype="int32"), marker)
         return kernel, class_ids
 
     def compute_output_shape(self, input_shape):
@@ -362,7 +385,8 @@ class MarginHead(CosineDense):
         config = super().get_config()
         config.pop("units")
         config.update({"num_classes": self.units, "s": self.s, "chunk_size": self.chunk_size,
-                       "sample_rate": self.sample_rate, "fused_loss": self.fused_loss, "chunk_by": self.chunk_by})
+                       "sample_rate": self.sample_rate, "fused_loss": self.fused_loss, "chunk_by": self.chunk_by,
+                       "sample_update": self.sample_update})
         return config
 
 
@@ -1051,7 +1075,7 @@ class NormFaceContrastiveHead(NormFaceHead):
 
     def get_config(self):
         config = super().get_config()
-        for key in ("chunk_size", "sample_rate"):
+        for key in ("chunk_size", "sample_rate", "sample_update"):
             config.pop(key)
         return {**config, "margin": self.margin, "agent_weight": self.agent_weight,
                 "agent_initializer": initializers.serialize(self.agent_initializer)}
@@ -1303,7 +1327,7 @@ class AdaCosHead(_BatchStatisticHead):
 
     def get_config(self):
         config = super().get_config()
-        for key in ("chunk_size", "sample_rate"):
+        for key in ("chunk_size", "sample_rate", "sample_update"):
             config.pop(key)
         return {**config, "median": self.median, "adaptive": self.adaptive}
 
@@ -1638,7 +1662,7 @@ class LSoftmaxHead(_BatchStatisticHead):
 
     def get_config(self):
         config = super().get_config()
-        for key in ("s", "chunk_size", "sample_rate"):
+        for key in ("s", "chunk_size", "sample_rate", "sample_update"):
             config.pop(key)
         return {**config, "m": self.m, "base": self.base, "gamma": self.gamma, "power": self.power,
                 "lambda_min": self.lambda_min}

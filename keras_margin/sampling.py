@@ -20,6 +20,32 @@ def check_sample_rate(owner: str, sample_rate) -> float:
     return _validation.check_number(owner, "sample_rate", sample_rate, low=0.0, low_open=True, high=1.0)
 
 
+SAMPLE_UPDATES = ("all", "sampled")
+
+
+def check_sample_update(owner: str, sample_update, sample_rate: float) -> str:
+    """``sample_update`` is "all" (PartialFC_V2) or "sampled" (PartialFC v1, needs ``sample_rate`` < 1)."""
+    if sample_update not in SAMPLE_UPDATES:
+        raise ValueError(f"{owner}: `sample_update` must be one of {SAMPLE_UPDATES}; got {sample_update!r}.")
+    if sample_update == "sampled" and sample_rate >= 1.0:
+        raise ValueError(f"{owner}: `sample_update='sampled'` (Partial FC's first version: only the sampled "
+                         f"columns are stepped) needs class sampling; pass sample_rate < 1 (got {sample_rate}).")
+    return sample_update
+
+
+_MARKER_ATTRIBUTE = "_keras_margin_sampled_kernel"
+
+
+def pair_sample_marker(marker, kernel) -> None:
+    """Tag a head's ``sampled_columns`` weight with the kernel whose sample its gradient carries."""
+    setattr(marker, _MARKER_ATTRIBUTE, kernel)
+
+
+def sampled_kernel(variable):
+    """The kernel whose sample ``variable``'s gradient carries, when it is a ``sampled_columns`` weight; else None."""
+    return getattr(variable, _MARKER_ATTRIBUTE, None)
+
+
 def num_sampled_classes(num_classes: int, sample_rate: float, batch_size: int | None = None) -> int:
     """How many classes a step keeps: ``ceil(rate * C)``, raised to the batch size so every positive fits.
 
@@ -123,7 +149,7 @@ def _positions(sampled, num_classes: int):
     return ops.scatter(sampled[:, None], ops.arange(1, num_sampled + 1, dtype="int32"), (num_classes,)) - 1
 
 
-def take_columns(kernel, sampled):
+def take_columns(kernel, sampled, marker=None):
     """The sampled columns ``kernel[:, sampled]``, with the gradient formed by a gather instead of a scatter.
 
     Formula:
@@ -131,6 +157,7 @@ def take_columns(kernel, sampled):
     forward:   W_s = W[:, sampled]                                     (d, K)
     backward:  dL/dW[:, j] = dL/dW_s[:, p(j)]  if class j is sampled    (d, C)
                            = 0                 otherwise                p(j): its position in `sampled`
+               dL/dmarker[j] = 1 if class j is sampled, else 0          (C,), with `marker`
     ```
     The values are those of ``ops.take(kernel, sampled, axis=1)`` and of its gradient (a dense (d, C)
     tensor, zero outside the sample, as in InsightFace's PartialFC_V2: the optimizer still sees every
@@ -139,9 +166,15 @@ def take_columns(kernel, sampled):
     for this gather; JAX: 0.14 s against 0.04 s). Exact because the sampled classes are distinct
     (``sample_classes`` draws them with top-k), so no column receives two gradients.
 
+    ``marker`` (a head's ``sampled_columns`` weight, with ``sample_update="sampled"``) takes no part in
+    the value; its gradient is the step's sample, which is how ``keras_margin.PartialFCOptimizer`` learns
+    which columns to step. Through autodiff, because that reaches the optimizer on every backend and inside
+    ``jax.jit``, where an optimizer cannot read a variable the forward pass assigned.
+
     Args:
         kernel: (d, C) class weights.
         sampled: int (K,) distinct class indices in [0, C).
+        marker: optional (C,) float variable or tensor whose gradient is to be the sample's indicator.
 
     Returns:
         (d, K) ``kernel[:, sampled]``.
@@ -156,20 +189,28 @@ def take_columns(kernel, sampled):
     kernel = read_value(kernel)
     sampled = ops.cast(sampled, "int32")
     num_classes = kernel.shape[-1]
+    inputs = (kernel, sampled) if marker is None else (kernel, sampled, read_value(marker))
+    if marker is not None and tuple(inputs[2].shape) != (num_classes,):
+        raise ValueError(f"take_columns: `marker` must have shape ({num_classes},), one entry per class; "
+                         f"got {tuple(inputs[2].shape)}.")
 
     @ops.custom_gradient
-    def op(kernel, sampled):
+    def op(*inputs):
+        kernel, sampled = inputs[:2]
         position = _positions(sampled, num_classes)
 
         def grad(*upstream, **_):
             (upstream,) = upstream_gradients(upstream)
             columns = ops.take(upstream, ops.maximum(position, 0), axis=1)
             d_kernel = ops.where(position[None, :] >= 0, columns, ops.zeros_like(columns))
-            return ops.cast(d_kernel, kernel.dtype), None
+            gradients = (ops.cast(d_kernel, kernel.dtype), None)
+            if len(inputs) == 3:
+                gradients += (ops.cast(position >= 0, inputs[2].dtype),)
+            return gradients
 
         return _gather_columns(kernel, sampled), grad
 
-    return op(kernel, sampled)
+    return op(*inputs)
 
 
 def _gather_columns(kernel, sampled):

@@ -170,25 +170,42 @@ def _pfc_v1(w, m, g, wd, sampled):
     return w, m
 
 
-def _two_sampled_sgd_steps(weight_decay=None, kernel_regularizer=None):
-    """Two train_on_batch steps of a sampled head; returns kernels before/after and each step's sample."""
+_TWO_STEPS = ([0, 1, 2, 0], [3, 4, 5, 3])
+_THREE_STEPS = _TWO_STEPS + ([0, 1, 6, 0],)  # classes 0 and 1 again: their stored momentum resumes (v1)
+
+
+def _two_sampled_sgd_steps(weight_decay=None, kernel_regularizer=None, optimizer=None, sample_update="all",
+                           batches=_TWO_STEPS, jit_compile="auto", dtype=None):
+    """train_on_batch steps of a sampled head; returns kernels before/after each step and each step's sample.
+
+    With ``sample_update="sampled"`` the optimizer is wrapped in PartialFCOptimizer and each step's record in
+    ``head.sampled_columns`` is checked against the replayed sample.
+    """
     rng = np.random.default_rng(11)
-    head = km.AMSoftmaxHead(_C, s=_S, m=_M, fused_loss=True, sample_rate=_RATE,
-                            kernel_regularizer=kernel_regularizer)
+    head = km.AMSoftmaxHead(_C, s=_S, m=_M, fused_loss=True, sample_rate=_RATE, sample_update=sample_update,
+                            kernel_regularizer=kernel_regularizer, dtype=dtype)
     embeddings, labels = keras.Input((_D,)), keras.Input((), dtype="int32")
     model = keras.Model([embeddings, labels], head([embeddings, labels]))
-    model.compile(keras.optimizers.SGD(_LR, momentum=_MU, weight_decay=weight_decay), loss=None)
+    optimizer = optimizer or keras.optimizers.SGD(_LR, momentum=_MU, weight_decay=weight_decay)
+    if sample_update == "sampled":
+        optimizer = km.PartialFCOptimizer(optimizer)
+    model.compile(optimizer, loss=None, jit_compile=jit_compile)
     num_sampled = num_sampled_classes(_C, _RATE, _B)
     kernels, steps = [ops.convert_to_numpy(head.kernel).astype(np.float64)], []
-    for labels_t in ([0, 1, 2, 0], [3, 4, 5, 3]):
+    for labels_t in batches:
         x = rng.normal(size=(_B, _D)).astype("float32")
         y = np.array(labels_t, dtype="int32")
         replay = keras.random.SeedGenerator(0)  # the head's generator state, replayed to read the sample
         replay.state.assign(ops.convert_to_numpy(head.seed_generator.state))
         sampled = ops.convert_to_numpy(sample_classes(y, _C, num_sampled, replay)[0]).astype(np.int64)
-        model.train_on_batch([x, y])
+        loss = model.train_on_batch([x, y])
+        assert np.isfinite(loss), loss
         kernels.append(ops.convert_to_numpy(head.kernel).astype(np.float64))
         steps.append((x.astype(np.float64), y, sampled))
+        if sample_update == "sampled":
+            record = np.zeros(_C)
+            record[sampled] = 1.0
+            np.testing.assert_array_equal(ops.convert_to_numpy(head.sampled_columns), record)
     return kernels, steps
 
 
@@ -235,6 +252,149 @@ def test_l2_kernel_regularizer_without_weight_decay_matches_partial_fc_v2_exactl
     wd = 0.1
     kernels, steps = _two_sampled_sgd_steps(kernel_regularizer=keras.regularizers.L2(wd / 2))
     np.testing.assert_allclose(kernels[-1], _replay(_pfc_v2, kernels, steps, wd), rtol=1e-5, atol=1e-6)
+
+
+# sample_update="sampled" + PartialFCOptimizer: InsightFace's first PartialFC.
+
+def _columns_of(steps):
+    first, second, third = (sampled for _, _, sampled in steps)
+    return first, second, third
+
+
+def test_sampled_update_with_l2_regularizer_matches_partial_fc_v1_exactly():
+    wd = 0.1
+    kernels, steps = _two_sampled_sgd_steps(kernel_regularizer=keras.regularizers.L2(wd / 2),
+                                            sample_update="sampled", batches=_THREE_STEPS)
+    np.testing.assert_allclose(kernels[-1], _replay(_pfc_v1, kernels, steps, wd), rtol=1e-5, atol=1e-6)
+    first, second, third = _columns_of(steps)
+    # A column left out of a step keeps its value exactly: no momentum step, no decay.
+    for step, sampled in enumerate((first, second, third)):
+        out = np.setdiff1d(np.arange(_C), sampled)
+        np.testing.assert_array_equal(kernels[step + 1][:, out], kernels[step][:, out])
+    # Sampled at steps 1 and 3, not 2: step 3 resumes the momentum stored at step 1 (v2 would have spent
+    # part of it at step 2), so v1 and v2 disagree there.
+    resumed = np.setdiff1d(np.intersect1d(first, third), second)
+    assert len(resumed) > 0
+    v2 = _replay(_pfc_v2, kernels, steps, wd)
+    assert np.abs(kernels[-1][:, resumed] - v2[:, resumed]).max() > 1e-3
+
+
+def test_sampled_update_with_coupled_recipe_sgd_matches_partial_fc_v1_exactly():
+    wd = 0.1
+    optimizer = km.recipes.RecipeSGD(_LR, momentum=_MU, weight_decay=wd, momentum_form="pytorch", decay_exclude=())
+    kernels, steps = _two_sampled_sgd_steps(optimizer=optimizer, sample_update="sampled", batches=_THREE_STEPS)
+    np.testing.assert_allclose(kernels[-1], _replay(_pfc_v1, kernels, steps, wd), rtol=1e-5, atol=1e-6)
+
+
+def _keras_adam_on_sampled(w, state, g, sampled, t, lr=0.01, b1=0.9, b2=0.999, eps=1e-7):
+    """keras.optimizers.Adam's step (Keras' formula) on the sampled columns; the rest keep w, m, v."""
+    m, v = state
+    w, m, v = w.copy(), m.copy(), v.copy()
+    gs = g[:, sampled]
+    m[:, sampled] += (gs - m[:, sampled]) * (1 - b1)
+    v[:, sampled] += (gs * gs - v[:, sampled]) * (1 - b2)
+    alpha = lr * np.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+    w[:, sampled] -= alpha * m[:, sampled] / (np.sqrt(v[:, sampled]) + eps)
+    return w, (m, v)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_sampled_update_keeps_adam_moments_of_unsampled_columns(jit_compile):
+    kernels, steps = _two_sampled_sgd_steps(optimizer=keras.optimizers.Adam(0.01), sample_update="sampled",
+                                            batches=_THREE_STEPS, jit_compile=jit_compile)
+    w, state = kernels[0], (np.zeros_like(kernels[0]), np.zeros_like(kernels[0]))
+    for t, (x, y, sampled) in enumerate(steps, start=1):
+        w, state = _keras_adam_on_sampled(w, state, _amsoftmax_kernel_gradient(x, w, y, sampled), sampled, t)
+    np.testing.assert_allclose(kernels[-1], w, rtol=1e-4, atol=1e-6)
+
+
+def test_sampled_update_under_mixed_precision_steps_only_the_sample():
+    kernels, steps = _two_sampled_sgd_steps(sample_update="sampled", dtype="mixed_float16", jit_compile=True)
+    for step, (_, _, sampled) in enumerate(steps):
+        out = np.setdiff1d(np.arange(_C), sampled)
+        moved = np.any(kernels[step + 1] != kernels[step], axis=0)
+        np.testing.assert_array_equal(np.flatnonzero(moved), sampled)
+        np.testing.assert_array_equal(kernels[step + 1][:, out], kernels[step][:, out])
+
+
+def test_sampled_update_needs_sampling_and_a_known_value():
+    with pytest.raises(ValueError, match="needs class sampling"):
+        km.ArcFaceHead(10, fused_loss=True, sample_update="sampled")
+    with pytest.raises(ValueError, match="sample_update"):
+        km.ArcFaceHead(10, fused_loss=True, sample_rate=0.5, sample_update="v1")
+    with pytest.raises(ValueError, match="sample_rate"):  # a head without class sampling refuses both
+        km.SubCenterArcFaceHead(10, fused_loss=True, sample_rate=0.5, sample_update="sampled")
+
+
+def _sampled_model(sample_update="sampled"):
+    head = km.AMSoftmaxHead(_C, fused_loss=True, sample_rate=_RATE, sample_update=sample_update)
+    embeddings, labels = keras.Input((_D,)), keras.Input((), dtype="int32")
+    return keras.Model([embeddings, labels], head([embeddings, labels])), head
+
+
+def test_partial_fc_optimizer_refuses_what_it_cannot_do():
+    with pytest.raises(TypeError, match="keras.optimizers.Optimizer"):
+        km.PartialFCOptimizer("sgd")
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        km.PartialFCOptimizer(keras.optimizers.SGD(gradient_accumulation_steps=2))
+    with pytest.raises(ValueError, match="inner optimizer"):
+        km.PartialFCOptimizer(keras.optimizers.SGD(), clipnorm=1.0)
+    built = keras.optimizers.SGD()
+    built.build([keras.Variable(np.zeros((2, 3), "float32"))])
+    with pytest.raises(ValueError, match="not built"):
+        km.PartialFCOptimizer(built)
+    model, _ = _sampled_model(sample_update="all")
+    with pytest.raises(ValueError, match="no head with sample_rate < 1 and sample_update='sampled'"):
+        km.PartialFCOptimizer(keras.optimizers.SGD()).build(model.trainable_variables)
+    model, head = _sampled_model()
+    head.kernel.trainable = False
+    with pytest.raises(ValueError, match="not among the trainable variables"):
+        km.PartialFCOptimizer(keras.optimizers.SGD()).build(model.trainable_variables)
+
+
+def test_partial_fc_optimizer_needs_the_sample_gradient():
+    model, head = _sampled_model()
+    optimizer = km.PartialFCOptimizer(keras.optimizers.SGD())
+    optimizer.build(model.trainable_variables)
+    grads = [ops.zeros(v.shape, v.dtype) for v in model.trainable_variables]
+    grads[[v.path for v in model.trainable_variables].index(head.sampled_columns.path)] = None
+    with pytest.raises(ValueError, match="the step's sample is unknown"):
+        optimizer.apply(grads, model.trainable_variables)
+
+
+def test_sampled_columns_is_overwritten_not_stepped_by_a_plain_optimizer():
+    # Without the wrapper the head still trains (PartialFC_V2's update); the record is overwritten, not stepped.
+    model, head = _sampled_model()
+    model.compile(keras.optimizers.SGD(0.5, momentum=0.9, weight_decay=0.1), loss=None)
+    for _ in range(2):
+        model.train_on_batch([np.ones((_B, _D), "float32"), np.array([0, 1, 2, 3], "int32")])
+    record = ops.convert_to_numpy(head.sampled_columns)
+    assert set(np.unique(record)) == {0.0, 1.0} and record.sum() == num_sampled_classes(_C, _RATE, _B)
+    assert record[[0, 1, 2, 3]].tolist() == [1.0] * 4
+
+
+def test_partial_fc_optimizer_serializes_and_restores_its_state(tmp_path):
+    model, head = _sampled_model()
+    model.compile(km.PartialFCOptimizer(keras.optimizers.SGD(0.1, momentum=0.9)), loss=None)
+    x, y = np.random.default_rng(0).normal(size=(_B, _D)).astype("float32"), np.array([0, 1, 2, 3], "int32")
+    model.train_on_batch([x, y])
+    config = model.optimizer.get_config()
+    clone = keras.optimizers.deserialize(keras.optimizers.serialize(model.optimizer))
+    assert isinstance(clone, km.PartialFCOptimizer) and clone.get_config() == config
+    assert clone.inner_optimizer.momentum == 0.9
+    path = tmp_path / "pfc.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert isinstance(loaded.optimizer, km.PartialFCOptimizer)
+    assert loaded.layers[-1].sample_update == "sampled"
+    saved = [ops.convert_to_numpy(v) for v in model.optimizer.variables]
+    restored = [ops.convert_to_numpy(v) for v in loaded.optimizer.variables]
+    assert len(saved) == len(restored) and any(np.abs(s).sum() > 0 for s in saved)
+    for a, b in zip(saved, restored):
+        np.testing.assert_array_equal(a, b)
+    # Both continue with the same step.
+    model.train_on_batch([x, y])
+    loaded.train_on_batch([x, y])
 
 
 @pytest.mark.parametrize("flat_gather", [True, False])
