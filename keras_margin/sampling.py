@@ -201,7 +201,10 @@ def take_columns(kernel, sampled, marker=None):
 
         def grad(*upstream, **_):
             (upstream,) = upstream_gradients(upstream)
-            columns = ops.take(upstream, ops.maximum(position, 0), axis=1)
+            if len(inputs) == 3:  # read twice by PartialFCOptimizer: materialized, so in row order
+                columns = _gather_columns(upstream, ops.maximum(position, 0))
+            else:
+                columns = ops.take(upstream, ops.maximum(position, 0), axis=1)
             d_kernel = ops.where(position[None, :] >= 0, columns, ops.zeros_like(columns))
             gradients = (ops.cast(d_kernel, kernel.dtype), None)
             if len(inputs) == 3:

@@ -397,40 +397,59 @@ def test_partial_fc_optimizer_serializes_and_restores_its_state(tmp_path):
     loaded.train_on_batch([x, y])
 
 
+@pytest.mark.parametrize("with_marker", [False, True])
 @pytest.mark.parametrize("flat_gather", [True, False])
 @pytest.mark.parametrize("jit", [False, True])
-def test_take_columns_value_and_gradient_are_the_columns_and_their_scatter(jit, flat_gather, monkeypatch):
+def test_take_columns_value_and_gradient_are_the_columns_and_their_scatter(jit, flat_gather, with_marker,
+                                                                          monkeypatch):
     if not flat_gather:  # the plain column gather of kernels too large for flat int32 indices
         monkeypatch.setattr(sampling, "_FLAT_INDEX_LIMIT", 0)
     rng = np.random.default_rng(5)
     kernel = rng.normal(size=(3, 9)).astype("float32")
+    marker = np.full(9, 0.5, "float32")  # its value takes no part; its gradient is the sample's indicator
     sampled = np.array([7, 2, 5, 0], dtype="int32")
     upstream = rng.normal(size=(3, 4)).astype("float32")
     expected_gradient = np.zeros((3, 9), "float32")
     expected_gradient[:, sampled] = upstream  # d sum(upstream * W[:, sampled]) / dW
+    expected_marker = np.zeros(9, "float32")
+    expected_marker[sampled] = 1.0
+
+    def take(w, m):
+        return sampling.take_columns(w, sampled, m if with_marker else None)
+
     if keras.backend.backend() == "jax":
         import jax
 
-        def loss(w):
-            columns = sampling.take_columns(w, sampled)
+        def loss(w, m):
+            columns = take(w, m)
             return ops.sum(columns * upstream), columns
 
-        def value_and_grad(w):
-            return jax.value_and_grad(loss, has_aux=True)(w)
-        (_, columns), gradient = (jax.jit(value_and_grad) if jit else value_and_grad)(kernel)
+        def value_and_grad(w, m):
+            (_, columns), (d_w, d_m) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(w, m)
+            return columns, d_w, d_m
+        columns, gradient, d_marker = (jax.jit(value_and_grad) if jit else value_and_grad)(kernel, marker)
     else:
         import tensorflow as tf
 
-        def value_and_grad(w):
+        def value_and_grad(w, m):
             with tf.GradientTape() as tape:
-                tape.watch(w)
-                columns = sampling.take_columns(w, sampled)
+                tape.watch([w, m])
+                columns = take(w, m)
                 loss = tf.reduce_sum(columns * upstream)
-            return columns, tape.gradient(loss, w)
-        columns, gradient = (tf.function(value_and_grad, jit_compile=jit) if jit else value_and_grad)(
-            tf.constant(kernel))
+            return (columns, *tape.gradient(loss, [w, m]))
+        columns, gradient, d_marker = (tf.function(value_and_grad, jit_compile=jit) if jit else value_and_grad)(
+            tf.constant(kernel), tf.constant(marker))
     np.testing.assert_array_equal(ops.convert_to_numpy(columns), kernel[:, sampled])
     np.testing.assert_array_equal(ops.convert_to_numpy(gradient), expected_gradient)
+    if with_marker:
+        np.testing.assert_array_equal(ops.convert_to_numpy(d_marker), expected_marker)
+    else:  # not an input of the op: no gradient (TensorFlow) or zeros (JAX)
+        assert d_marker is None or not np.any(ops.convert_to_numpy(d_marker))
+
+
+def test_take_columns_refuses_a_marker_of_the_wrong_shape():
+    with pytest.raises(ValueError, match=r"`marker` must have shape \(9,\)"):
+        sampling.take_columns(np.zeros((3, 9), "float32"), np.array([1, 2], "int32"), np.zeros(8, "float32"))
 
 
 def test_score_hash_is_lowbias32_with_32_bit_wrap_around():
