@@ -128,6 +128,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "products, as the dense path, but more memory; default classes)")
     parser.add_argument("--sample-rate", type=float, default=None,
                         help="with --fused-loss: Partial FC, keep this fraction of the classes per step (0, 1]")
+    parser.add_argument("--sample-update", choices=("all", "sampled"), default=None,
+                        help="with --sample-rate: what SGD does to the classes a step did not sample: all "
+                             "(InsightFace's PartialFC_V2: momentum and decay still move them; default) or "
+                             "sampled (its first PartialFC: they keep weight and momentum)")
     parser.add_argument("--jit", action=argparse.BooleanOptionalAction, default=None,
                         help="XLA-compile the training step (default: Keras' choice)")
     parser.add_argument("--mixed-precision", action="store_true", help="mixed_float16 policy (float32 head)")
@@ -165,6 +169,14 @@ def _check_arguments(args) -> None:
         raise _BadInput("--chunk-size and --sample-rate apply to the loss the head computes itself: add --fused-loss")
     if args.sample_rate is not None and not 0 < args.sample_rate <= 1:
         raise _BadInput(f"--sample-rate must be in (0, 1]; got {args.sample_rate}")
+    if args.sample_update is not None and (args.sample_rate is None or args.sample_rate >= 1):
+        raise _BadInput("--sample-update says what happens to the classes a step leaves out: it needs "
+                        "--sample-rate below 1")
+    if args.sample_update == "sampled" and args.iter_size > 1:
+        raise _BadInput("--sample-update sampled steps one micro-batch's sample; it cannot accumulate "
+                        f"--iter-size {args.iter_size} micro-batches")
+    if args.sample_update == "sampled" and args.devices > 1:
+        raise _BadInput("--sample-update sampled is implemented on one device; use --devices 1")
     if (args.val_pairs is None) != (args.val_images is None):
         raise _BadInput("--val-pairs and --val-images go together (the pairs file and its images folder)")
     if args.images is not None and args.list is None:
@@ -301,6 +313,8 @@ def _build_model(keras, args, images, input_size, head_class, num_classes):
         options["chunk_by"] = args.chunk_by
     if args.sample_rate is not None:
         options["sample_rate"] = args.sample_rate
+    if args.sample_update is not None:
+        options["sample_update"] = args.sample_update
     head = head_class(num_classes, name="head", **options)
     pixels = keras.Input((*input_size, 3), name="image")
     recorded = InputContract("normalized", "bgr", mean=_MEAN, scale=_SCALE,
@@ -402,6 +416,8 @@ def _train(args, checkpoints: Path) -> int:
               "sample_rate": args.sample_rate,
               "mixed_precision": args.mixed_precision, "steps_per_epoch": steps_per_epoch,
               "poly_length": micro_total if recipe.schedule == "poly" else None}
+    if args.sample_update is not None:  # only when given: earlier checkpoints' settings have no such key
+        config["sample_update"] = args.sample_update
     saved_config = _read_json(checkpoints / "train_config.json")
     if saved_config is not None and saved_config != config:
         changed = sorted(key for key in set(config) | set(saved_config) if config.get(key) != saved_config.get(key))
@@ -433,6 +449,10 @@ def _train(args, checkpoints: Path) -> int:
                 model = shard_heads(model, mesh, class_axis="batch", batch_axis="batch")
             # After the model: the optimizer's own variables (iterations, rate) must be placed as the model's.
             optimizer, schedule_text = _schedule_and_optimizer(recipe, args, updates, per_pass)
+            if args.sample_update == "sampled":
+                from keras_margin.partial_fc import PartialFCOptimizer
+
+                optimizer = PartialFCOptimizer(optimizer)
             model.compile(optimizer, loss=loss, jit_compile="auto" if args.jit is None else args.jit)
         if form != "cosine":
             dataset = dataset.map(lambda x, y: ((x, y), y))

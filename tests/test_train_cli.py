@@ -124,6 +124,33 @@ def test_fused_chunked_loss_trains(data, tmp_path, capsys, chunk_by):
     assert keras_margin.export.embedding_model(model).output_shape == (None, 16)
 
 
+@pytest.mark.backend_agnostic
+def test_partial_fc_v1_trains_and_leaves_unsampled_classes_alone(data, tmp_path, capsys):
+    # 4 classes, batch 12, rate 0.5: a step keeps max(ceil(0.5 * 4), 12) classes, so all 4 (the head's branch
+    # for a batch that covers every class: each column is in the step and recorded so).
+    code, output = _train(data, tmp_path, "--steps", "2", "--fused-loss", "--sample-rate", "0.5",
+                          "--sample-update", "sampled")
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert np.isfinite(float(_summary_value(out, "final loss")))
+    model = keras.saving.load_model(output)
+    head = model.layers[-1]
+    assert head.sample_update == "sampled" and isinstance(model.optimizer, keras_margin.PartialFCOptimizer)
+    record = keras.ops.convert_to_numpy(head.sampled_columns)
+    np.testing.assert_array_equal(record, np.ones(CLASSES))  # the last step's sample: every class
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--sample-update", "sampled"], "needs --sample-rate below 1"),
+    (["--sample-rate", "0.5", "--sample-update", "sampled", "--iter-size", "2"], "cannot accumulate"),
+    (["--sample-rate", "0.5", "--sample-update", "sampled", "--devices", "2"], "one device"),
+])
+def test_sample_update_refuses_what_it_cannot_do(data, tmp_path, capsys, extra, expected):
+    code, output = _train(data, tmp_path, "--steps", "1", "--fused-loss", *extra)
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err and not output.exists(), err
+
+
 def _bad_list(data, tmp_path, text):
     listing = tmp_path / "bad.txt"
     listing.write_text(text)
