@@ -11,7 +11,7 @@
 #
 # The wheels: keras-margin itself (no dependencies: TensorFlow is not needed on the JAX backend) and Keras with
 # what it needs, when the machine's Keras is not the tested one. Budget: under 5 minutes on one GPU.
-# Environment: GPU_HEADS_ARGS / GPU_LARGE_ARGS replace the default arguments of each benchmark.
+# Environment: GPU_HEADS_ARGS / GPU_LARGE_ARGS / GPU_PFC_ARGS replace the default arguments of each benchmark.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -58,6 +58,9 @@ EOF
     python "$ROOT/benchmarks/heads.py" --backend jax ${GPU_HEADS_ARGS:---jit on --reps 20 --warmup 3}
     # shellcheck disable=SC2086
     python "$ROOT/benchmarks/large_classes.py" ${GPU_LARGE_ARGS:---million}
+    # Partial FC's two update rules (PartialFC_V2 and v1) with Keras' SGD momentum, against the dense step.
+    # shellcheck disable=SC2086
+    python "$ROOT/benchmarks/large_classes.py" ${GPU_PFC_ARGS:---classes 85742,1000000 --paths dense,sampled,sampled-v1 --optimizer momentum}
     echo "gpu.sh: done in $(( $(date +%s) - started )) s (steps per second = 1000 / the ms columns)"
 }
 

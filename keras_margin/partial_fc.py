@@ -65,10 +65,12 @@ class PartialFCOptimizer(keras.optimizers.Optimizer):
     >>> embeddings, labels = keras.Input((8,)), keras.Input((), dtype="int32")
     >>> model = keras.Model([embeddings, labels], head([embeddings, labels]))
     >>> model.compile(PartialFCOptimizer(keras.optimizers.SGD(0.1, momentum=0.9)), loss=None)
-    >>> before = np.array(head.kernel)
+    >>> before = keras.ops.convert_to_numpy(head.kernel)
     >>> _ = model.train_on_batch([np.random.rand(4, 8).astype("float32"), np.array([0, 1, 2, 3])])
-    >>> int(np.sum(np.any(np.array(head.kernel) != before, axis=0)))   # the 10 sampled classes only
-    10
+    >>> moved = np.any(keras.ops.convert_to_numpy(head.kernel) != before, axis=0)
+    >>> sampled = keras.ops.convert_to_numpy(head.sampled_columns) == 1.0    # this step's 10 classes
+    >>> int(sampled.sum()), int(moved[~sampled].sum()), bool(moved[:4].all())  # unsampled: none moved
+    (10, 0, True)
     """
 
     def __init__(self, inner_optimizer: keras.optimizers.Optimizer, name: str | None = None, **kwargs: Any) -> None:

@@ -310,10 +310,11 @@ def test_sampled_update_keeps_adam_moments_of_unsampled_columns(jit_compile):
 
 def test_sampled_update_under_mixed_precision_steps_only_the_sample():
     kernels, steps = _two_sampled_sgd_steps(sample_update="sampled", dtype="mixed_float16", jit_compile=True)
-    for step, (_, _, sampled) in enumerate(steps):
+    for step, (_, y, sampled) in enumerate(steps):
         out = np.setdiff1d(np.arange(_C), sampled)
         moved = np.any(kernels[step + 1] != kernels[step], axis=0)
-        np.testing.assert_array_equal(np.flatnonzero(moved), sampled)
+        # Every positive moves; a sampled negative may move by less than a float32 ulp; nothing else moves.
+        assert moved[y].all() and set(np.flatnonzero(moved)) <= set(sampled.tolist())
         np.testing.assert_array_equal(kernels[step + 1][:, out], kernels[step][:, out])
 
 
