@@ -324,7 +324,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             raise SystemExit(f"unknown --paths {name!r}; choose from dense, rows, classes, sampled, sampled-v1")
     jit = "XLA" if args.backend == "jax" or args.jit == "on" else "no XLA"
     print(f"backend {args.backend} ({jit}), batch {args.batch}, embedding {args.dim}, AM-Softmax (s=30, m=0.35), "
-          f"update {args.optimizer}, {os.cpu_count()} CPUs, MemAvailable {_mem_available() / GIB:.1f} GiB; median of {args.reps} steps")
+          f"update {args.optimizer}, {os.cpu_count()} CPUs, MemAvailable {_mem_available() / GIB:.1f} GiB; "
+          f"median of {args.reps} steps")
     results = []
     for classes in [int(c) for c in args.classes.split(",")]:
         gradient = args.dim * classes * 4
