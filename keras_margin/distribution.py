@@ -78,7 +78,8 @@ def shard_heads(model, mesh, *, class_axis: str = "model", batch_axis: str = "ba
     Sets ``keras.distribution.ModelParallel(layout_map=head_layout_map(...), batch_dim_name=batch_axis)``
     as the global distribution (``keras.distribution.distribution()`` returns it), clones the model
     inside it (same layer names, hence the same variable paths as the layout keys) and copies the
-    weights. The other variables are replicated unless ``layout_map`` says otherwise; the batch is split
+    weights and the layers' random-generator states (so a Partial FC head samples as the original
+    would). The other variables are replicated unless ``layout_map`` says otherwise; the batch is split
     over ``batch_axis``. JAX backend only (``keras.distribution`` is not implemented for TensorFlow;
     there, ``tf.distribute.MirroredStrategy`` gives data parallelism).
 
@@ -107,4 +108,17 @@ def shard_heads(model, mesh, *, class_axis: str = "model", batch_axis: str = "ba
     keras.distribution.set_distribution(distribution)
     sharded = keras.models.clone_model(model)
     sharded.set_weights(model.get_weights())
+    # The random streams too (Partial FC's class sampling): not weights, but the copy continues them.
+    for source, copy in zip(_seed_generators(model), _seed_generators(sharded)):
+        copy.state.assign(source.state.value)
     return sharded
+
+
+def _seed_generators(model) -> list:
+    """The ``keras.random.SeedGenerator`` of every layer of ``model`` with one, in layer order."""
+    from keras_margin._keras_private import flatten_layers
+
+    found = []
+    for layer in flatten_layers(model):
+        found += [v for v in vars(layer).values() if isinstance(v, keras.random.SeedGenerator)]
+    return found

@@ -175,8 +175,6 @@ def _check_arguments(args) -> None:
     if args.sample_update == "sampled" and args.iter_size > 1:
         raise _BadInput("--sample-update sampled steps one micro-batch's sample; it cannot accumulate "
                         f"--iter-size {args.iter_size} micro-batches")
-    if args.sample_update == "sampled" and args.devices > 1:
-        raise _BadInput("--sample-update sampled is implemented on one device; use --devices 1")
     if (args.val_pairs is None) != (args.val_images is None):
         raise _BadInput("--val-pairs and --val-images go together (the pairs file and its images folder)")
     if args.images is not None and args.list is None:
@@ -270,7 +268,7 @@ def _schedule_and_optimizer(recipe, args, updates: int, micro_per_pass: int):
                        f"{total} (InsightFace)")
 
 
-def _devices(keras, count: int, jit):
+def _devices(keras, count: int, jit, sample_update: str | None = None):
     """(TF strategy or None, JAX mesh or None, description) for ``count`` devices."""
     backend = keras.backend.backend()
     if count == 1:
@@ -283,6 +281,9 @@ def _devices(keras, count: int, jit):
         mesh = keras.distribution.DeviceMesh((count,), ("batch",), devices[:count])
         return None, mesh, f"{count} JAX devices (batch split, head classes sharded)"
     if backend == "tensorflow":
+        if sample_update == "sampled":
+            raise _BadInput(f"--sample-update sampled with --devices {count} on TensorFlow: MirroredStrategy's "
+                            "replicas would each restore the columns; use the JAX backend or --devices 1")
         if jit:
             raise _BadInput(f"--jit with --devices {count} on TensorFlow: XLA cannot reach the other replicas' "
                             "variables; drop --jit (or use the JAX backend)")
@@ -433,7 +434,7 @@ def _train(args, checkpoints: Path) -> int:
     try:
         if args.mixed_precision:
             keras.mixed_precision.set_global_policy("mixed_float16")
-        strategy, mesh, device_text = _devices(keras, args.devices, args.jit)
+        strategy, mesh, device_text = _devices(keras, args.devices, args.jit, args.sample_update)
         keras.utils.set_random_seed(args.seed)
         import tensorflow as tf
 

@@ -80,10 +80,19 @@ CASES = {"cosine_path": cosine_path, "label_aware": label_aware, "fused_chunked"
          "curricularface": lambda: _label_aware(km.CurricularFaceHead(C, s=10.0, name="head")),
          "adaface": lambda: _label_aware(km.AdaFaceHead(C, s=10.0, name="head")),
          "magface_fused": lambda: _fused(km.MagFaceHead(C, s=10.0, fused_loss=True, chunk_size=3, name="head")),
-         "subcenter": subcenter_cosine_path}
+         "subcenter": subcenter_cosine_path,
+         # Partial FC v1: the sample (16 of 64 classes: the labels use the first 16) drawn on the global batch,
+         # the unsampled columns and their momentum restored.
+         "partial_fc_v1": lambda: _fused(km.AMSoftmaxHead(4 * C, s=10.0, fused_loss=True, sample_rate=0.25,
+                                                          sample_update="sampled", name="head"))}
+
+def optimizer_for(model):
+    if model.get_layer("head").get_config().get("sample_update") == "sampled":
+        return km.PartialFCOptimizer(keras.optimizers.SGD(0.1, momentum=0.9))
+    return keras.optimizers.SGD(0.1)
 
 def train(model, loss, data, jit_compile):
-    model.compile(keras.optimizers.SGD(0.1), loss=loss, jit_compile=jit_compile)
+    model.compile(optimizer_for(model), loss=loss, jit_compile=jit_compile)
     history = model.fit(data[0], data[1], batch_size=BATCH, epochs=EPOCHS, shuffle=False, verbose=0)
     return history.history["loss"], [np.asarray(w) for w in model.get_weights()]
 
@@ -104,8 +113,11 @@ for name, mesh_shape in PLACEMENTS:
     keras.utils.set_random_seed(0)
     model, loss, data = CASES[name]()
     initial = model.get_weights()
+    seeds = [(v, np.asarray(v.value)) for v in model.non_trainable_variables if "seed_generator" in v.path]
     single = train(model, loss, data, True)
     model.set_weights(initial)
+    for variable, state in seeds:  # the sharded copy then draws Partial FC's samples from the same state
+        variable.assign(state)
     mesh = keras.distribution.DeviceMesh(mesh_shape, ("batch", "model"), devices)
     sharded = shard_heads(model, mesh)
     kernel = sharded.get_layer("head").kernel
@@ -145,6 +157,14 @@ def test_newer_heads_class_sharded_on_four_jax_devices_match_one_device():
         assert case["loss"] <= 1e-5 and case["weights"] <= 1e-5, (name, case)
         assert case["spec_before"] == case["spec_after"] == [None, "model"], (name, case)
     assert report["subcenter"]["shard_shapes"] == [[8, 8]]  # (8, 16 classes x 2 sub-centers) over 4 devices
+
+
+def test_partial_fc_v1_class_sharded_on_four_jax_devices_matches_one_device():
+    report = _sharded_report([("partial_fc_v1", (2, 2))])
+    case = report["partial_fc_v1"]
+    assert case["steps"] == 3 and case["loss"] <= 1e-5 and case["weights"] <= 1e-5, case
+    assert case["spec_before"] == case["spec_after"] == [None, "model"], case
+    assert case["shard_shapes"] == [[8, 32]]  # (8, 64) over the 2 class shards
 
 
 _MIRRORED = """

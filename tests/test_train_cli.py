@@ -143,7 +143,7 @@ def test_partial_fc_v1_trains_and_leaves_unsampled_classes_alone(data, tmp_path,
 @pytest.mark.parametrize("extra, expected", [
     (["--sample-update", "sampled"], "needs --sample-rate below 1"),
     (["--sample-rate", "0.5", "--sample-update", "sampled", "--iter-size", "2"], "cannot accumulate"),
-    (["--sample-rate", "0.5", "--sample-update", "sampled", "--devices", "2"], "one device"),
+    (["--sample-rate", "0.5", "--sample-update", "sampled", "--devices", "2"], "MirroredStrategy's replicas"),
 ])
 def test_sample_update_refuses_what_it_cannot_do(data, tmp_path, capsys, extra, expected):
     code, output = _train(data, tmp_path, "--steps", "1", "--fused-loss", *extra)
