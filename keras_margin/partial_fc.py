@@ -113,7 +113,6 @@ class PartialFCOptimizer(keras.optimizers.Optimizer):
         slots = _build_recording_slots(self.inner_optimizer, model_variables)
         inner_variables = self.inner_optimizer.variables
         # Kept as integer positions: the optimizer tracks any Variable assigned to it as its own.
-        self._pfc_markers = sorted(markers)
         self._pfc_groups = []  # (marker position in var_list, kernel position in var_list, slot positions)
         owned = {id(s) for group in slots.values() for s in group}
         for marker_index, kernel_index in sorted(markers.items()):
@@ -159,17 +158,16 @@ class PartialFCOptimizer(keras.optimizers.Optimizer):
             sampled = ops.convert_to_tensor(marker_gradient) > 0
             targets = [self._trainable_variables[kernel_index]]
             targets += [self.inner_optimizer.variables[k] for k in slot_positions]
+            marker = self._trainable_variables[marker_index]
             # A copy read now: a TensorFlow variable's value (and its convert_to_tensor) is the variable itself.
-            restores.append((sampled, [(t, ops.copy(t)) for t in targets]))
-            restores[-1][1].append((self._trainable_variables[marker_index], None))
-        keep = [i for i, p in enumerate(position) if p not in self._pfc_markers]
+            restores.append((sampled, marker, [(t, ops.copy(t)) for t in targets]))
+        markers = {group[0] for group in self._pfc_groups}
+        keep = [i for i, p in enumerate(position) if p not in markers]
         self.inner_optimizer.apply([grads[i] for i in keep], [trainable_variables[i] for i in keep])
-        for sampled, saved in restores:
+        for sampled, marker, saved in restores:
             for variable, before in saved:
-                if before is None:  # the head's sampled_columns: the step's sample, for the record
-                    variable.assign(ops.cast(sampled, variable.dtype))
-                else:
-                    variable.assign(ops.where(sampled, variable.value, before))
+                variable.assign(ops.where(sampled, variable.value, before))
+            marker.assign(ops.cast(sampled, marker.dtype))  # the head's record of the step's sample
 
     @property
     def learning_rate(self):
