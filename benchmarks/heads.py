@@ -27,6 +27,7 @@ Usage:
     python benchmarks/heads.py --quick              # one small size, 2 repetitions: a smoke test
     python benchmarks/heads.py --batch 512 --classes 85742 --jit on --reps 5 --heads amsoftmax,arcface
     python benchmarks/heads.py --breakdown          # where the time goes inside the head (see --help)
+    python benchmarks/heads.py --form fused          # the fused_loss=True training path of every head
 """
 
 from __future__ import annotations
@@ -106,6 +107,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="fresh child per configuration: fork the driver (fast) or start a new interpreter")
     parser.add_argument("--json", default=None, help="also write all measurements to this JSON file")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--form", choices=["default", "fused"], default="default",
+                        help="default: each head's form below (cosines + head.loss, or its logits); fused: "
+                             "fused_loss=True, the head's own float32 loss, stateless_call([x, labels], "
+                             "training=True), as a training model for many classes runs it")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one configuration as JSON
     args = parser.parse_args(argv)
     if args.quick:
@@ -185,8 +190,16 @@ def _loss_fn(config):
 
         return stage_loss
 
-    head = make_head(objective, num_classes, batch, dim)
+    head = make_head(objective, num_classes, batch, dim, fused_loss=config.get("form") == "fused")
     non_trainable = [v.value for v in head.non_trainable_variables]
+    if config.get("form") == "fused":
+
+        def head_fused_loss(x, kernel, labels):
+            _, _, added = head.stateless_call([kernel], non_trainable, [x, labels], training=True,
+                                              return_losses=True)
+            return sum(added, 0.0)  # what Keras trains with: the per-sample loss's mean (+ MagFace's term)
+
+        return head_fused_loss
     if head_form(head) == "cosine":
         loss_object = head.loss
 
@@ -205,12 +218,12 @@ def _loss_fn(config):
     return head_logits_loss
 
 
-def make_head(objective: str, num_classes: int, batch: int, dim: int):
-    """The built head of ``objective`` at its defaults (``HEADS``)."""
+def make_head(objective: str, num_classes: int, batch: int, dim: int, fused_loss: bool = False):
+    """The built head of ``objective`` at its defaults (``HEADS``), with ``fused_loss`` for ``--form fused``."""
     import keras_margin as km
 
     class_name, kwargs = HEADS[objective]
-    head = getattr(km, class_name)(num_classes, **kwargs)
+    head = getattr(km, class_name)(num_classes, **kwargs, **({"fused_loss": True} if fused_loss else {}))
     head.build((batch, dim))
     return head
 
@@ -430,7 +443,7 @@ def _configs(args) -> list[dict]:
                 for objective, stage in objectives:
                     configs.append({"backend": args.backend, "jit": jit, "batch": batch, "classes": num_classes,
                                     "dim": args.dim, "objective": objective, "stage": stage, "reps": reps,
-                                    "warmup": args.warmup, "seed": args.seed})
+                                    "warmup": args.warmup, "seed": args.seed, "form": args.form})
     return configs
 
 
@@ -455,10 +468,13 @@ def print_tables(results: list[dict], args, wall_s: float, load: tuple[float, fl
           "subcenter_arcface k=3 s=64 m=0.5 (kernel (d, 3C): its floor is the (d, C) one, so the ratio includes the "
           "3x larger matmuls); curricularface s=64 m=0.5; adacos adaptive s; adaface s=64 m=0.4 h=0.333; magface "
           "s=64 l_a=10 u_a=110 l_m=0.45 u_m=0.8 lambda_g=35; lsoftmax m=4 (un-normalized, annealed lambda). "
-          "Timed form: stateless_call (cosines) + head.loss, except curricularface, adacos, adaface, magface and "
-          "lsoftmax, whose loss needs the labels or |x| in the forward pass: the training call "
-          "stateless_call([x, labels], training=True) + sparse float32 cross-entropy of its logits + its added "
-          "losses (magface's regularizer).")
+          + ("Timed form (--form fused): each head with fused_loss=True, the training call "
+             "stateless_call([x, labels], training=True) and the losses it adds (the per-sample loss's mean, "
+             "magface's regularizer)." if args.form == "fused" else
+             "Timed form: stateless_call (cosines) + head.loss, except curricularface, adacos, adaface, magface and "
+             "lsoftmax, whose loss needs the labels or |x| in the forward pass: the training call "
+             "stateless_call([x, labels], training=True) + sparse float32 cross-entropy of its logits + its added "
+             "losses (magface's regularizer)."))
     print("floor ms: X@W (B,d)x(d,C), dZ@W^T, X^T@dZ, timed in the same child process as the head, its calls "
           "alternating with the head's; ratio = median over the (floor, head) call pairs of head time / floor "
           "time (target under XLA: <= 1.3x).")
