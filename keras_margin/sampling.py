@@ -189,8 +189,9 @@ def take_columns(kernel, sampled, marker=None):
     kernel = read_value(kernel)
     sampled = ops.cast(sampled, "int32")
     num_classes = kernel.shape[-1]
-    inputs = (kernel, sampled) if marker is None else (kernel, sampled, read_value(marker))
-    if marker is not None and tuple(inputs[2].shape) != (num_classes,):
+    with_marker = marker is not None
+    inputs = (kernel, sampled, read_value(marker)) if with_marker else (kernel, sampled)
+    if with_marker and tuple(inputs[2].shape) != (num_classes,):
         raise ValueError(f"take_columns: `marker` must have shape ({num_classes},), one entry per class; "
                          f"got {tuple(inputs[2].shape)}.")
 
@@ -201,15 +202,14 @@ def take_columns(kernel, sampled, marker=None):
 
         def grad(*upstream, **_):
             (upstream,) = upstream_gradients(upstream)
-            if len(inputs) == 3:  # read twice by PartialFCOptimizer: materialized, so in row order
+            if with_marker:  # read twice by PartialFCOptimizer: materialized, so in row order
                 columns = _gather_columns(upstream, ops.maximum(position, 0))
             else:
                 columns = ops.take(upstream, ops.maximum(position, 0), axis=1)
             d_kernel = ops.where(position[None, :] >= 0, columns, ops.zeros_like(columns))
-            gradients = (ops.cast(d_kernel, kernel.dtype), None)
-            if len(inputs) == 3:
-                gradients += (ops.cast(position >= 0, inputs[2].dtype),)
-            return gradients
+            if not with_marker:
+                return ops.cast(d_kernel, kernel.dtype), None
+            return ops.cast(d_kernel, kernel.dtype), None, ops.cast(position >= 0, inputs[2].dtype)
 
         return _gather_columns(kernel, sampled), grad
 
