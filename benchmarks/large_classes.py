@@ -26,8 +26,10 @@ classes and below dense at 1,000,000.
 
 The update is ``w -= 0.1 g`` by default; ``--optimizer momentum`` makes it Keras' ``SGD(0.1, momentum=0.9)``
 (``stateless_apply`` / ``apply``) for every path. "sampled-v1" is Partial FC with ``sample_update="sampled"``
-and the optimizer wrapped in ``keras_margin.PartialFCOptimizer`` (InsightFace's first version: the columns
-outside the sample and their momentum restored after the step).
+and the optimizer wrapped in ``keras_margin.PartialFCOptimizer`` (InsightFace's first version: only the
+sampled columns and their momentum stepped), its default sparse update (the sampled columns gathered, stepped
+and scattered back); "sampled-v1-dense" the same with ``update="dense"`` (the whole kernel stepped, the
+columns outside the sample and their momentum restored).
 
 Usage:
     KERAS_BACKEND=jax python benchmarks/large_classes.py                 # 10,516 and 85,742 classes
@@ -35,7 +37,7 @@ Usage:
     python benchmarks/large_classes.py --backend jax --classes 85742 --reps 5 --chunk-rows 32,64
     python benchmarks/large_classes.py --backend tensorflow --jit off   # TF without XLA (its CPU default)
     python benchmarks/large_classes.py --paths dense,rows,classes,sampled  # both chunkings, Partial FC (0.1)
-    python benchmarks/large_classes.py --paths dense,sampled,sampled-v1 --optimizer momentum  # PartialFC v1 / V2
+    python benchmarks/large_classes.py --paths dense,sampled,sampled-v1,sampled-v1-dense --optimizer momentum
     python benchmarks/large_classes.py --quick                          # small sizes: a smoke test
 """
 
@@ -54,6 +56,7 @@ from typing import Sequence
 DEFAULT_CHUNK_ROWS = 64  # rows per chunk; on CPU 64 beat 32 (each chunk rewrites the whole kernel gradient)
 DEFAULT_CHUNK_CLASSES = 8192  # classes per chunk
 SAMPLE_RATE = 0.1
+V1_UPDATES = {"sampled-v1": "sparse", "sampled-v1-dense": "dense"}  # PartialFCOptimizer(update=...) of each path
 GIB, MIB = 2.0**30, 2.0**20
 
 
@@ -74,7 +77,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="TensorFlow only: off runs the step as a plain tf.function (Keras' CPU default)")
     parser.add_argument("--paths", default="dense,rows,classes",
                         help="comma-separated, from dense, rows (chunk_by='rows'), classes (chunk_by='classes'), "
-                             "sampled, sampled-v1")
+                             "sampled, sampled-v1, sampled-v1-dense")
     parser.add_argument("--optimizer", choices=["plain", "momentum"], default="plain",
                         help="plain: w -= 0.1 g; momentum: keras.optimizers.SGD(0.1, momentum=0.9)")
     parser.add_argument("--headroom", type=float, default=0.85,
@@ -100,22 +103,22 @@ def path_options(path: str) -> dict:
         return {"chunk_size": int(size), "chunk_by": by}
     if path == "sampled":
         return {"sample_rate": SAMPLE_RATE}
-    if path == "sampled-v1":
+    if path in V1_UPDATES:
         return {"sample_rate": SAMPLE_RATE, "sample_update": "sampled"}
     raise ValueError(f"unknown path {path!r}")
 
 
 def _optimizer(config: dict, variables):
     """The Keras optimizer of the step, built on ``variables``; None for the plain ``w -= 0.1 g`` update."""
-    if config["optimizer"] == "plain" and config["path"] != "sampled-v1":
+    if config["optimizer"] == "plain" and config["path"] not in V1_UPDATES:
         return None
     import keras
 
     import keras_margin as km
 
     optimizer = keras.optimizers.SGD(0.1, momentum=0.9 if config["optimizer"] == "momentum" else 0.0)
-    if config["path"] == "sampled-v1":
-        optimizer = km.PartialFCOptimizer(optimizer)
+    if config["path"] in V1_UPDATES:
+        optimizer = km.PartialFCOptimizer(optimizer, update=V1_UPDATES[config["path"]])
     optimizer.build(variables)
     return optimizer
 
@@ -318,10 +321,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             paths += [f"rows {int(rows)}" for rows in args.chunk_rows.split(",")]
         elif name == "classes":
             paths += [f"classes {int(size)}" for size in args.chunk_classes.split(",")]
-        elif name in ("dense", "sampled", "sampled-v1"):
+        elif name in ("dense", "sampled", *V1_UPDATES):
             paths.append(name)
         else:
-            raise SystemExit(f"unknown --paths {name!r}; choose from dense, rows, classes, sampled, sampled-v1")
+            raise SystemExit(f"unknown --paths {name!r}; choose from dense, rows, classes, sampled, "
+                             f"{', '.join(V1_UPDATES)}")
     jit = "XLA" if args.backend == "jax" or args.jit == "on" else "no XLA"
     print(f"backend {args.backend} ({jit}), batch {args.batch}, embedding {args.dim}, AM-Softmax (s=30, m=0.35), "
           f"update {args.optimizer}, {os.cpu_count()} CPUs, MemAvailable {_mem_available() / GIB:.1f} GiB; "

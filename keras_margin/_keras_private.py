@@ -11,6 +11,9 @@ Checked against Keras 3.15 (3.15.1). When a Keras upgrade moves one of these, th
   ``nodes_by_depth``).
 - ``KerasTensor._keras_history``: the operation that produced a symbolic tensor (``keras_history``).
 - ``Operation._inbound_nodes``: the nodes at which an operation was called (``inbound_nodes``).
+- ``Optimizer._exclude_from_weight_decay`` (the ids ``exclude_from_weight_decay(var_list=...)`` set),
+  ``_var_key`` and ``_exclude_from_weight_decay_cache``: giving a stand-in variable the exclusion of the
+  variable it stands for (``share_weight_decay_exclusion``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ __all__ = [
     "inbound_nodes",
     "keras_history",
     "nodes_by_depth",
+    "share_weight_decay_exclusion",
 ]
 
 #: The Keras release these private APIs were checked against.
@@ -75,3 +79,13 @@ def inbound_nodes(operation) -> list:
     """The nodes at which ``operation`` (a layer) was called on symbolic tensors, in call order; ``keras_history``'s
     ``node_index`` indexes this list."""
     return operation._inbound_nodes
+
+
+def share_weight_decay_exclusion(optimizer, variable, stand_in) -> None:
+    """Exclude ``stand_in`` from ``optimizer``'s weight decay when ``variable`` was excluded by identity
+    (``exclude_from_weight_decay(var_list=[variable])``); name patterns already treat a stand-in of the same
+    name alike. Call before the optimizer is built."""
+    excluded = getattr(optimizer, "_exclude_from_weight_decay", None)
+    if excluded and optimizer._var_key(variable) in excluded:
+        excluded.add(optimizer._var_key(stand_in))
+        optimizer._exclude_from_weight_decay_cache = {}

@@ -85,8 +85,11 @@ _HEAD_ARGS = """\
             InsightFace's first PartialFC; unsampled columns and their optimizer state stay as they
             are. Needs `sample_rate` < 1 and the optimizer wrapped in
             `keras_margin.PartialFCOptimizer`, which reads the sample from the gradient of an extra
-            `(num_classes,)` weight, `sampled_columns`; that weight is overwritten with the gradient,
-            so after a step it holds the step's sample (1.0 sampled, 0.0 not). Defaults to `"all"`.
+            `(num_classes,)` weight, `sampled_columns`, and the sampled columns' gradient from that of a
+            `(embedding_dim, K)` weight, `sample_gradient`; both are overwritten with their gradient, so
+            after a step `sampled_columns` holds the step's sample (1.0 sampled, 0.0 not). Each step
+            then keeps a fixed K = `ceil(sample_rate * num_classes)` classes, which must hold the
+            batch's classes: a batch larger than K is refused. Defaults to `"all"`.
 {{kernel_args}}
         **kwargs: Base layer keyword arguments, such as `name` and `dtype`."""
 
@@ -297,7 +300,18 @@ class MarginHead(CosineDense):
             self.sampled_columns = self.add_weight(name="sampled_columns", shape=(self.units,), dtype="float32",
                                                    initializer="zeros")
             self.sampled_columns.overwrite_with_gradient = True
-            sampling.pair_sample_marker(self.sampled_columns, self.kernel)
+            # Its gradient is the sampled columns' gradient, (d, K): PartialFCOptimizer steps them from it.
+            self.sample_gradient = self.add_weight(
+                name="sample_gradient", shape=(self.kernel.shape[0], self.num_sampled), dtype=self.kernel.dtype,
+                initializer="zeros")
+            self.sample_gradient.overwrite_with_gradient = True
+            sampling.pair_sample_marker(self.sampled_columns, self.kernel, self.sample_gradient)
+
+    @property
+    def num_sampled(self) -> int:
+        """K, the classes a training step keeps with ``sample_rate`` < 1 (before a larger batch raises it;
+        with ``sample_update="sampled"`` it is fixed)."""
+        return sampling.num_sampled_classes(self.units, self.sample_rate)
 
     @property
     def num_classes(self) -> int:
@@ -359,12 +373,18 @@ class MarginHead(CosineDense):
         kernel, class_ids = self.kernel, ops.cast(class_ids, "int32")
         if training and self.sample_rate < 1.0:
             num_sampled = sampling.num_sampled_classes(self.units, self.sample_rate, x.shape[0])
-            marker = self.sampled_columns if self.sample_update == "sampled" else None
+            v1 = self.sample_update == "sampled"
+            if v1 and num_sampled != self.num_sampled:
+                raise ValueError(
+                    f"{type(self).__name__}: sample_update='sampled' keeps a fixed ceil(sample_rate * num_classes) "
+                    f"= {self.num_sampled} classes per step, fewer than the batch of {x.shape[0]}, whose classes "
+                    f"must all be kept; raise sample_rate to at least {x.shape[0]} / {self.units} or lower the batch.")
+            markers = (self.sampled_columns, self.sample_gradient) if v1 else (None, None)
             if num_sampled < self.units:
                 sampled, class_ids = sampling.sample_classes(class_ids, self.units, num_sampled, self.seed_generator)
-                kernel = sampling.take_columns(kernel, sampled, marker)
-            elif marker is not None:  # the batch covers every class: every column is in the step
-                kernel = sampling.take_columns(kernel, ops.arange(self.units, dtype="int32"), marker)
+                kernel = sampling.take_columns(kernel, sampled, *markers)
+            elif v1:  # the sample is every class: every column is in the step
+                kernel = sampling.take_columns(kernel, ops.arange(self.units, dtype="int32"), *markers)
         return kernel, class_ids
 
     def compute_output_shape(self, input_shape):

@@ -17,7 +17,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from keras_margin import sampling
+from keras_margin import _keras_private, sampling
 
 __all__ = ["PartialFCOptimizer"]
 
@@ -27,12 +27,12 @@ class PartialFCOptimizer(keras.optimizers.Optimizer):
     """Wraps an optimizer so that the columns a Partial FC step did not sample, and their state, stay as they are.
 
     For every head built with ``sample_rate < 1`` and ``sample_update="sampled"``, the wrapped optimizer
-    steps the kernel as usual and the columns outside the step's sample then get back their weight and
-    every optimizer slot made from the kernel (momentum, Adam's moments, an EMA): no momentum, no weight
-    decay (decoupled or from a regularizer), no constraint for a class until it is sampled again, when its
-    momentum resumes where it stopped. That is InsightFace's first ``PartialFC``; its ``PartialFC_V2``
-    semantics are the head's default (``sample_update="all"``) with any optimizer unwrapped. Every other
-    variable is stepped by the inner optimizer unchanged.
+    steps only the step's sampled kernel columns and their optimizer slots (momentum, Adam's moments); the
+    other columns keep their weight and every slot made from the kernel: no momentum, no weight decay, no
+    constraint for a class until it is sampled again, when its momentum resumes where it stopped. That is
+    InsightFace's first ``PartialFC``; its ``PartialFC_V2`` semantics are the head's default
+    (``sample_update="all"``) with any optimizer unwrapped. Every other variable is stepped by the inner
+    optimizer unchanged.
 
     Formula (one step, kernel W (d, C), the step's sample S, inner optimizer state Q made from W):
     ```
@@ -40,23 +40,43 @@ class PartialFCOptimizer(keras.optimizers.Optimizer):
     W[:, j], Q[:, j] = W'[:, j], Q'[:, j]      for j in S
     W[:, j], Q[:, j] unchanged                 for j not in S
     ```
+    Two ways to compute it (``update``):
+    - ``"sparse"`` (default): the sampled columns of W and of each slot are gathered into (d, K) buffers,
+      the inner optimizer steps those from the sampled columns' gradient (the head's ``sample_gradient``
+      weight carries it), and the results are scattered back. No (d, C) gradient is formed (XLA drops the
+      unused one) and nothing outside the sample is read or written but by the gather and the scatter.
+      Exact for optimizers whose step treats each element on its own: ``SGD``, ``Adam``, ``AdamW``,
+      ``Adamax``, ``Nadam``, ``RMSprop``, ``Adagrad``, ``Adadelta``, ``Ftrl``, ``Lion`` and
+      ``keras_margin.recipes.RecipeSGD``; others (``Lamb``'s trust ratio, ``Adafactor``'s factored moments,
+      ``Muon``) are refused, and so are a kernel regularizer or constraint (a regularizer's gradient
+      reaches the whole kernel, not the sampled columns' channel) and ``use_ema``. The buffers take the
+      kernel's name and path, so weight-decay exclusions and path patterns treat them as the kernel. The
+      scatter wants XLA (JAX, or ``jit_compile=True`` on TensorFlow): without it TensorFlow scatters
+      element by element.
+    - ``"dense"``: the inner optimizer steps the whole kernel from its dense gradient, then the columns
+      outside the sample get back their weight and slots (``where(sampled, new, old)``). Any optimizer,
+      kernel regularizers and constraints included, at the cost of the dense update.
+
     The sample comes from the gradient of the head's ``sampled_columns`` weight (1 on the sampled
     classes), so it reaches the optimizer on TensorFlow and JAX, under XLA, and through the
     ``LossScaleOptimizer`` that mixed precision adds; ``sampled_columns`` then holds the last step's sample
     (1.0 for a sampled class, 0.0 otherwise).
     InsightFace's v1 used SGD with coupled (L2) weight decay: ``keras_margin.recipes.RecipeSGD(
-    momentum_form="pytorch")``, or ``keras.optimizers.SGD(momentum=...)`` with
-    ``kernel_regularizer=keras.regularizers.L2(wd / 2)`` on the head, reproduces its update exactly.
+    momentum_form="pytorch")`` reproduces its update exactly (so does ``keras.optimizers.SGD(momentum=...)``
+    with ``kernel_regularizer=keras.regularizers.L2(wd / 2)`` on the head and ``update="dense"``).
 
     Args:
         inner_optimizer: the ``keras.optimizers.Optimizer`` to wrap, not yet built. Its own arguments
             (learning rate, weight decay, clipping) apply as usual; ``gradient_accumulation_steps`` is
             refused (a step's sample would not be the accumulated gradient's).
+        update: ``"sparse"`` or ``"dense"``, how the sampled columns are stepped (above). Defaults to
+            ``"sparse"``.
         name: name of the wrapper. Defaults to ``"partial_fc_optimizer"``.
 
     Raises:
-        ValueError: when built on variables without a ``sample_update="sampled"`` head's kernel, or on
-            a TensorFlow distribution strategy with more than one replica (not supported).
+        ValueError: when built on variables without a ``sample_update="sampled"`` head's kernel, on a
+            TensorFlow distribution strategy with more than one replica (not supported), or, with
+            ``update="sparse"``, with what that update cannot step exactly (above).
 
     Example:
     >>> import numpy as np, keras
@@ -73,21 +93,27 @@ class PartialFCOptimizer(keras.optimizers.Optimizer):
     (10, 0, True)
     """
 
-    def __init__(self, inner_optimizer: keras.optimizers.Optimizer, name: str | None = None, **kwargs: Any) -> None:
+    def __init__(self, inner_optimizer: keras.optimizers.Optimizer, update: str = "sparse", name: str | None = None,
+                 **kwargs: Any) -> None:
         owner = type(self).__name__
         if not isinstance(inner_optimizer, keras.optimizers.Optimizer):
             raise TypeError(f"{owner}: `inner_optimizer` must be a keras.optimizers.Optimizer instance; "
                             f"got {type(inner_optimizer).__name__}.")
         if kwargs:
             raise ValueError(f"{owner}: set optimizer arguments on the inner optimizer; got {sorted(kwargs)}.")
+        if update not in UPDATES:
+            raise ValueError(f"{owner}: `update` must be one of {UPDATES}; got {update!r}.")
         if inner_optimizer.built:
             raise ValueError(f"{owner}: wrap an optimizer that is not built yet (its slots are matched to the "
                              "kernels as it builds them).")
         if inner_optimizer.gradient_accumulation_steps:
             raise ValueError(f"{owner}: the inner optimizer's `gradient_accumulation_steps` is not supported: "
                              "an accumulated gradient spans several samples, the step's sample only one.")
+        if update == "sparse":
+            _check_elementwise(owner, inner_optimizer)
         super().__init__(learning_rate=0.0, name=name or "partial_fc_optimizer")
         self.inner_optimizer = inner_optimizer
+        self.update = update
 
     def build(self, var_list) -> None:
         if self.built:
@@ -96,37 +122,56 @@ class PartialFCOptimizer(keras.optimizers.Optimizer):
         _check_no_tf_replicas(owner)
         var_list = list(var_list)
         keys = [id(v) for v in var_list]
-        markers = {}  # position of a marker in var_list -> position of its kernel in var_list
+        markers = {}  # position of a marker in var_list -> positions of its kernel and sample_gradient in var_list
         for i, variable in enumerate(var_list):
             kernel = sampling.sampled_kernel(variable)
             if kernel is None:
                 continue
-            if id(kernel) not in keys:
-                raise ValueError(f"{owner}: the kernel {kernel.path} of a sample_update='sampled' head is not among "
-                                 "the trainable variables (frozen?); nothing to step.")
-            markers[i] = keys.index(id(kernel))
+            channel = sampling.sample_gradient_weight(variable)
+            for what, weight in (("kernel", kernel), ("sample_gradient weight", channel)):
+                if id(weight) not in keys:
+                    raise ValueError(f"{owner}: the {what} {weight.path} of a sample_update='sampled' head is not "
+                                     "among the trainable variables (frozen?); nothing to step.")
+            markers[i] = (keys.index(id(kernel)), keys.index(id(channel)))
         if not markers:
             raise ValueError(f"{owner}: no head with sample_rate < 1 and sample_update='sampled' among the "
                              f"{len(var_list)} trainable variables; build the head that way, or use the inner "
                              "optimizer alone (PartialFC_V2's update).")
-        model_variables = [v for i, v in enumerate(var_list) if i not in markers]
-        slots = _build_recording_slots(self.inner_optimizer, model_variables)
-        inner_variables = self.inner_optimizer.variables
-        # Kept as integer positions: the optimizer tracks any Variable assigned to it as its own.
-        self._pfc_groups = []  # (marker position in var_list, kernel position in var_list, slot positions)
+        channels = {channel for _, channel in markers.values()}
+        kernels = [var_list[kernel] for kernel, _ in markers.values()]
+        model_variables = [v for i, v in enumerate(var_list) if i not in markers and i not in channels]
+        # Plain objects, not lists of Variables: the optimizer tracks any Variable it holds as its own.
+        self._pfc_groups = []
+        if self.update == "sparse":
+            for kernel, (_, channel) in zip(kernels, markers.values()):
+                _check_sparse_kernel(owner, kernel)
+            buffers = [_column_buffer(kernel, var_list[channel].shape) for kernel, (_, channel)
+                       in zip(kernels, markers.values())]
+            for kernel, buffer in zip(kernels, buffers):
+                _keras_private.share_weight_decay_exclusion(self.inner_optimizer, kernel, buffer)
+            inner_targets = [v for v in model_variables if all(v is not k for k in kernels)] + buffers
+        else:
+            buffers, inner_targets = [None] * len(kernels), model_variables
+        slots, made = _build_recording_slots(self.inner_optimizer, inner_targets)
         owned = {id(s) for group in slots.values() for s in group}
-        for marker_index, kernel_index in sorted(markers.items()):
-            kernel = var_list[kernel_index]
-            own = slots.get(id(kernel), [])
-            for v in inner_variables:
-                if tuple(v.shape) == tuple(kernel.shape) and id(v) not in owned:
+        for (marker_index, (kernel_index, channel_index)), kernel, buffer in zip(markers.items(), kernels, buffers):
+            stepped = kernel if buffer is None else buffer
+            own = slots.get(id(stepped), [])
+            for v in self.inner_optimizer.variables:
+                if tuple(v.shape) == tuple(stepped.shape) and id(v) not in owned:
                     raise ValueError(
                         f"{owner}: {type(self.inner_optimizer).__name__} made the variable {v.path} of the kernel's "
                         "shape without add_variable_from_reference, so it cannot be told apart from the kernel's "
                         "own state; wrap an optimizer whose slots come from add_variable_from_reference.")
-            positions = [next(k for k, v in enumerate(inner_variables) if v is s) for s in own]
-            self._pfc_groups.append((marker_index, kernel_index, positions))
+            full = [] if buffer is None else self._full_slots(kernel, own, made)
+            self._pfc_groups.append(_Group(marker_index, kernel_index, channel_index, buffer, own, full))
         super().build(var_list)
+
+    def _full_slots(self, kernel, buffer_slots, made) -> list:
+        """The (d, C) state of every class behind each slot of a column buffer, made as the inner optimizer
+        made the buffer's slot (same name and initializer: Adagrad's and Ftrl's accumulators start above zero)."""
+        return [self.add_variable_from_reference(kernel, *made[id(slot)][0], **made[id(slot)][1])
+                for slot in buffer_slots]
 
     @property
     def variables(self):
@@ -147,27 +192,47 @@ class PartialFCOptimizer(keras.optimizers.Optimizer):
         grads = list(grads)
         position = [self._get_variable_index(v) for v in trainable_variables]
         at = dict(zip(position, range(len(position))))
-        restores = []
-        for marker_index, kernel_index, slot_positions in self._pfc_groups:
-            marker_gradient = grads[at[marker_index]] if marker_index in at else None
-            if marker_gradient is None:
-                raise ValueError(
-                    f"{type(self).__name__}: no gradient reached {self._trainable_variables[marker_index].path}, so "
-                    "the step's sample is unknown; train the head through its fused loss, "
-                    "head([embeddings, labels], training=True) with sample_rate < 1.")
-            sampled = ops.convert_to_tensor(marker_gradient) > 0
-            targets = [self._trainable_variables[kernel_index]]
-            targets += [self.inner_optimizer.variables[k] for k in slot_positions]
-            marker = self._trainable_variables[marker_index]
-            # A copy read now: a TensorFlow variable's value (and its convert_to_tensor) is the variable itself.
-            restores.append((sampled, marker, [(t, ops.copy(t)) for t in targets]))
-        markers = {group[0] for group in self._pfc_groups}
-        keep = [i for i, p in enumerate(position) if p not in markers]
-        self.inner_optimizer.apply([grads[i] for i in keep], [trainable_variables[i] for i in keep])
-        for sampled, marker, saved in restores:
-            for variable, before in saved:
-                variable.assign(ops.where(sampled, variable.value, before))
-            marker.assign(ops.cast(sampled, marker.dtype))  # the head's record of the step's sample
+        variables = self._trainable_variables
+        def gradient(index: int, what: str):
+            if index not in at or grads[at[index]] is None:
+                raise ValueError(f"{type(self).__name__}: no gradient reached {variables[index].path}, so {what} "
+                                 "is unknown; train the head through its fused loss, head([embeddings, labels], "
+                                 "training=True) with sample_rate < 1.")
+            return grads[at[index]]
+
+        steps = []
+        for group in self._pfc_groups:
+            sampled = ops.convert_to_tensor(gradient(group.marker, "the step's sample")) > 0
+            if group.buffer is None:
+                steps.append((group, sampled, _dense_restores(variables[group.kernel], group.slots)))
+            else:
+                steps.append((group, sampled, self._gather_sample(group, variables, sampled)))
+        skipped = self._not_stepped_by_inner()
+        keep = [i for i, p in enumerate(position) if p not in skipped]
+        inner_grads = [grads[i] for i in keep]
+        inner_variables = [trainable_variables[i] for i in keep]
+        for group in self._pfc_groups:
+            if group.buffer is not None:
+                inner_grads.append(gradient(group.channel, "the sampled columns' gradient"))
+                inner_variables.append(group.buffer)
+        self.inner_optimizer.apply(inner_grads, inner_variables)
+        for group, sampled, state in steps:
+            if group.buffer is None:
+                for variable, before in state:
+                    variable.assign(ops.where(sampled, variable.value, before))
+            else:
+                pairs = [(variables[group.kernel], group.buffer)] + list(zip(group.full, group.slots))
+                for target, buffer in pairs:
+                    target.assign(sampling.scatter_columns(target.value, state, buffer.value))
+            variables[group.marker].assign(ops.cast(sampled, variables[group.marker].dtype))  # the step's record
+
+    def _gather_sample(self, group, variables, sampled):
+        """Load the sampled columns of the kernel and of its full slots into the buffers; return the classes."""
+        indices = sampling.sample_indices(sampled, group.buffer.shape[1])
+        group.buffer.assign(sampling.gather_columns(variables[group.kernel].value, indices))
+        for full, slot in zip(group.full, group.slots):
+            slot.assign(sampling.gather_columns(full.value, indices))
+        return indices
 
     @property
     def learning_rate(self):
@@ -184,12 +249,18 @@ class PartialFCOptimizer(keras.optimizers.Optimizer):
     def scale_loss(self, loss):
         return self.inner_optimizer.scale_loss(loss)
 
+    def _not_stepped_by_inner(self) -> set[int]:
+        """Positions (among the trainable variables) the inner optimizer does not step: every head's
+        ``sampled_columns`` and ``sample_gradient``, and with ``update="sparse"`` its kernel."""
+        return {index for group in self._pfc_groups
+                for index in (group.marker, group.channel) + ((group.kernel,) if group.buffer is not None else ())}
+
     def finalize_variable_values(self, var_list) -> None:
-        self.inner_optimizer.finalize_variable_values(
-            [v for v in var_list if sampling.sampled_kernel(v) is None])
+        skipped = {id(self._trainable_variables[i]) for i in self._not_stepped_by_inner()} if self.built else set()
+        self.inner_optimizer.finalize_variable_values([v for v in var_list if id(v) not in skipped])
 
     def get_config(self) -> dict[str, Any]:
-        return {"name": self.name,
+        return {"name": self.name, "update": self.update,
                 "inner_optimizer": keras.saving.serialize_keras_object(self.inner_optimizer)}
 
     @classmethod
@@ -199,14 +270,77 @@ class PartialFCOptimizer(keras.optimizers.Optimizer):
         return cls(inner, **config)
 
 
-def _build_recording_slots(optimizer, variables) -> dict[int, list]:
-    """Build ``optimizer`` on ``variables``; return {id(model variable): the slots made from it}."""
+UPDATES = ("sparse", "dense")
+
+
+class _Group:
+    """One sampled head's variables, as positions among the trainable variables, and the optimizer's own."""
+
+    def __init__(self, marker: int, kernel: int, channel: int, buffer, slots: list, full: list) -> None:
+        self.marker, self.kernel, self.channel = marker, kernel, channel
+        self.buffer = buffer  # "sparse": the (d, K) column buffer the inner optimizer steps; "dense": None
+        self.slots = slots  # the inner optimizer's slots made from the kernel ("dense") or the buffer ("sparse")
+        self.full = full  # "sparse": each slot's (d, C) state of every class
+
+
+def _dense_restores(kernel, slots) -> list:
+    # A copy read now: a TensorFlow variable's value (and its convert_to_tensor) is the variable itself.
+    return [(t, ops.copy(t)) for t in [kernel] + list(slots)]
+
+
+def _elementwise_optimizer_types() -> tuple:
+    """The optimizers whose step treats each element of a variable on its own (so stepping a gathered copy
+    of the sampled columns is stepping those columns)."""
+    from keras_margin.recipes import RecipeSGD
+
+    names = ("SGD", "Adam", "AdamW", "Adamax", "Nadam", "RMSprop", "Adagrad", "Adadelta", "Ftrl", "Lion")
+    return tuple(getattr(keras.optimizers, n) for n in names if hasattr(keras.optimizers, n)) + (RecipeSGD,)
+
+
+def _check_elementwise(owner: str, optimizer) -> None:
+    known = _elementwise_optimizer_types()
+    if type(optimizer) not in known:
+        raise ValueError(
+            f"{owner}: update='sparse' steps a gathered copy of the sampled columns, exact only for an optimizer "
+            f"whose step treats each element on its own ({', '.join(t.__name__ for t in known)}); got "
+            f"{type(optimizer).__name__}. Pass update='dense'.")
+    if optimizer.use_ema:
+        raise ValueError(f"{owner}: update='sparse' does not keep a moving average of the unsampled columns "
+                         "(use_ema=True); pass update='dense'.")
+
+
+def _check_sparse_kernel(owner: str, kernel) -> None:
+    for what in ("regularizer", "constraint"):
+        if getattr(kernel, what, None) is not None:
+            raise ValueError(
+                f"{owner}: the kernel {kernel.path} has a {what}; update='sparse' steps the sampled columns from "
+                f"their loss gradient alone (a {what} acts on the whole kernel). Pass update='dense', or move an "
+                "L2 regularizer into the optimizer (keras_margin.recipes.RecipeSGD's coupled weight_decay).")
+
+
+def _column_buffer(kernel, shape):
+    """A (d, K) variable named as the kernel, with the kernel's path, for the inner optimizer to step."""
+    parent, _, _ = kernel.path.rpartition("/")
+    scope_name = parent.rpartition("/")[2] if parent else None
+    scope_parent = parent.rpartition("/")[0] if parent else None
+    initializer = keras.initializers.Zeros()
+    if scope_name is None:
+        return keras.Variable(initializer, shape=tuple(shape), dtype=kernel.dtype, name=kernel.name)
+    with keras.name_scope(scope_name, override_parent=scope_parent):
+        return keras.Variable(initializer, shape=tuple(shape), dtype=kernel.dtype, name=kernel.name)
+
+
+def _build_recording_slots(optimizer, variables) -> tuple[dict[int, list], dict[int, tuple]]:
+    """Build ``optimizer`` on ``variables``; return {id(model variable): the slots made from it} and
+    {id(slot): the (args, kwargs) of the ``add_variable_from_reference`` call that made it}."""
     slots: dict[int, list] = {}
+    made: dict[int, tuple] = {}
     original = optimizer.add_variable_from_reference
 
     def recording(reference_variable, *args, **kwargs):
         slot = original(reference_variable, *args, **kwargs)
         slots.setdefault(id(reference_variable), []).append(slot)
+        made[id(slot)] = (args, kwargs)
         return slot
 
     optimizer.add_variable_from_reference = recording
@@ -214,7 +348,7 @@ def _build_recording_slots(optimizer, variables) -> dict[int, list]:
         optimizer.build(variables)
     finally:
         del optimizer.add_variable_from_reference
-    return slots
+    return slots, made
 
 
 def _check_no_tf_replicas(owner: str) -> None:

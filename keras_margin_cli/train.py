@@ -386,6 +386,14 @@ def _train(args, checkpoints: Path) -> int:
     if per_pass == 0:
         raise _BadInput(f"{len(images)} images make no batch of {micro} (--batch-size / --iter-size): lower "
                         "--batch-size")
+    if args.sample_update == "sampled":
+        from keras_margin.sampling import num_sampled_classes
+
+        kept = num_sampled_classes(images.num_classes, args.sample_rate)
+        if micro > kept:
+            raise _BadInput(f"--sample-update sampled keeps a fixed ceil({args.sample_rate} x {images.num_classes}) = "
+                            f"{kept} classes per step, fewer than the batch of {micro} images, whose classes must all "
+                            "be kept: raise --sample-rate or lower --batch-size")
     if args.steps is not None or (args.epochs is None and recipe.total_iterations is not None):
         updates = args.steps if args.steps is not None else recipe.total_iterations
         micro_total = updates * args.iter_size

@@ -175,10 +175,10 @@ _THREE_STEPS = _TWO_STEPS + ([0, 1, 6, 0],)  # classes 0 and 1 again: their stor
 
 
 def _two_sampled_sgd_steps(weight_decay=None, kernel_regularizer=None, optimizer=None, sample_update="all",
-                           batches=_TWO_STEPS, jit_compile="auto", dtype=None):
+                           batches=_TWO_STEPS, jit_compile="auto", dtype=None, update="sparse"):
     """train_on_batch steps of a sampled head; returns kernels before/after each step and each step's sample.
 
-    With ``sample_update="sampled"`` the optimizer is wrapped in PartialFCOptimizer and each step's record in
+    With ``sample_update="sampled"`` the optimizer is wrapped in PartialFCOptimizer(update=...) and each step's record in
     ``head.sampled_columns`` is checked against the replayed sample.
     """
     rng = np.random.default_rng(11)
@@ -188,7 +188,7 @@ def _two_sampled_sgd_steps(weight_decay=None, kernel_regularizer=None, optimizer
     model = keras.Model([embeddings, labels], head([embeddings, labels]))
     optimizer = optimizer or keras.optimizers.SGD(_LR, momentum=_MU, weight_decay=weight_decay)
     if sample_update == "sampled":
-        optimizer = km.PartialFCOptimizer(optimizer)
+        optimizer = km.PartialFCOptimizer(optimizer, update=update)
     model.compile(optimizer, loss=None, jit_compile=jit_compile)
     num_sampled = num_sampled_classes(_C, _RATE, _B)
     kernels, steps = [ops.convert_to_numpy(head.kernel).astype(np.float64)], []
@@ -261,10 +261,10 @@ def _columns_of(steps):
     return first, second, third
 
 
-def test_sampled_update_with_l2_regularizer_matches_partial_fc_v1_exactly():
+def test_dense_sampled_update_with_l2_regularizer_matches_partial_fc_v1_exactly():
     wd = 0.1
     kernels, steps = _two_sampled_sgd_steps(kernel_regularizer=keras.regularizers.L2(wd / 2),
-                                            sample_update="sampled", batches=_THREE_STEPS)
+                                            sample_update="sampled", batches=_THREE_STEPS, update="dense")
     np.testing.assert_allclose(kernels[-1], _replay(_pfc_v1, kernels, steps, wd), rtol=1e-5, atol=1e-6)
     first, second, third = _columns_of(steps)
     # A column left out of a step keeps its value exactly: no momentum step, no decay.
@@ -279,10 +279,13 @@ def test_sampled_update_with_l2_regularizer_matches_partial_fc_v1_exactly():
     assert np.abs(kernels[-1][:, resumed] - v2[:, resumed]).max() > 1e-3
 
 
-def test_sampled_update_with_coupled_recipe_sgd_matches_partial_fc_v1_exactly():
+@pytest.mark.parametrize("update", ["sparse", "dense"])
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_sampled_update_with_coupled_recipe_sgd_matches_partial_fc_v1_exactly(update, jit_compile):
     wd = 0.1
     optimizer = km.recipes.RecipeSGD(_LR, momentum=_MU, weight_decay=wd, momentum_form="pytorch", decay_exclude=())
-    kernels, steps = _two_sampled_sgd_steps(optimizer=optimizer, sample_update="sampled", batches=_THREE_STEPS)
+    kernels, steps = _two_sampled_sgd_steps(optimizer=optimizer, sample_update="sampled", batches=_THREE_STEPS,
+                                            update=update, jit_compile=jit_compile)
     np.testing.assert_allclose(kernels[-1], _replay(_pfc_v1, kernels, steps, wd), rtol=1e-5, atol=1e-6)
 
 
@@ -298,24 +301,99 @@ def _keras_adam_on_sampled(w, state, g, sampled, t, lr=0.01, b1=0.9, b2=0.999, e
     return w, (m, v)
 
 
+@pytest.mark.parametrize("update", ["sparse", "dense"])
 @pytest.mark.parametrize("jit_compile", [False, True])
-def test_sampled_update_keeps_adam_moments_of_unsampled_columns(jit_compile):
+def test_sampled_update_keeps_adam_moments_of_unsampled_columns(update, jit_compile):
     kernels, steps = _two_sampled_sgd_steps(optimizer=keras.optimizers.Adam(0.01), sample_update="sampled",
-                                            batches=_THREE_STEPS, jit_compile=jit_compile)
+                                            batches=_THREE_STEPS, jit_compile=jit_compile, update=update)
     w, state = kernels[0], (np.zeros_like(kernels[0]), np.zeros_like(kernels[0]))
     for t, (x, y, sampled) in enumerate(steps, start=1):
         w, state = _keras_adam_on_sampled(w, state, _amsoftmax_kernel_gradient(x, w, y, sampled), sampled, t)
     np.testing.assert_allclose(kernels[-1], w, rtol=1e-4, atol=1e-6)
 
 
-def test_sampled_update_under_mixed_precision_steps_only_the_sample():
-    kernels, steps = _two_sampled_sgd_steps(sample_update="sampled", dtype="mixed_float16", jit_compile=True)
+@pytest.mark.parametrize("update", ["sparse", "dense"])
+def test_sampled_update_under_mixed_precision_steps_only_the_sample(update):
+    kernels, steps = _two_sampled_sgd_steps(sample_update="sampled", dtype="mixed_float16", jit_compile=True,
+                                            update=update)
     for step, (_, y, sampled) in enumerate(steps):
         out = np.setdiff1d(np.arange(_C), sampled)
         moved = np.any(kernels[step + 1] != kernels[step], axis=0)
         # Every positive moves; a sampled negative may move by less than a float32 ulp; nothing else moves.
         assert moved[y].all() and set(np.flatnonzero(moved)) <= set(sampled.tolist())
         np.testing.assert_array_equal(kernels[step + 1][:, out], kernels[step][:, out])
+
+
+def _three_v1_steps(optimizer, update, jit_compile="auto"):  # XLA: the NumPy-checked tests above
+    keras.utils.set_random_seed(3)  # the same initial kernel and samples for each update
+    kernels, _ = _two_sampled_sgd_steps(optimizer=optimizer, sample_update="sampled", batches=_THREE_STEPS,
+                                        jit_compile=jit_compile, update=update)
+    return kernels[-1]
+
+
+@pytest.mark.parametrize("make", [
+    lambda: keras.optimizers.SGD(_LR, momentum=_MU, nesterov=True, weight_decay=0.1),
+    lambda: keras.optimizers.AdamW(0.01, weight_decay=0.2, amsgrad=True),
+    lambda: keras.optimizers.RMSprop(0.01, momentum=0.5, centered=True),
+    lambda: keras.optimizers.Adagrad(0.1, initial_accumulator_value=0.3),  # slots starting at 0.3
+    lambda: keras.optimizers.Ftrl(0.1, l1_regularization_strength=0.01, l2_shrinkage_regularization_strength=0.01),
+    lambda: keras.optimizers.Nadam(0.01),
+    lambda: keras.optimizers.Lion(0.01, weight_decay=0.1),
+    lambda: keras.optimizers.Adadelta(1.0),
+    lambda: keras.optimizers.Adamax(0.01, global_clipnorm=0.05),  # the norm of the sampled columns alone
+], ids=["sgd", "adamw", "rmsprop", "adagrad", "ftrl", "nadam", "lion", "adadelta", "adamax"])
+def test_sparse_update_steps_the_sampled_columns_as_the_dense_restore_does(make):
+    # "dense" steps the whole kernel and restores the unsampled columns: checked against NumPy above for SGD
+    # and Adam; "sparse" (gather, step, scatter) must give the same kernel for every elementwise optimizer.
+    np.testing.assert_allclose(_three_v1_steps(make(), "sparse"), _three_v1_steps(make(), "dense"),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_sparse_update_keeps_a_weight_decay_exclusion_of_the_kernel():
+    def excluded(by):
+        optimizer = keras.optimizers.AdamW(0.01, weight_decay=0.5)
+        if by == "name":
+            optimizer.exclude_from_weight_decay(var_names=["kernel"])
+        return optimizer
+
+    decayed = _three_v1_steps(keras.optimizers.AdamW(0.01, weight_decay=0.5), "sparse")
+    by_name = _three_v1_steps(excluded("name"), "sparse")
+    assert np.abs(by_name - decayed).max() > 1e-4
+    np.testing.assert_allclose(by_name, _three_v1_steps(excluded("name"), "dense"), rtol=1e-5, atol=1e-6)
+    # By identity: the head's kernel itself excluded (the buffer stepped in its place inherits that).
+    model, head = _sampled_model()
+    sparse_inner = keras.optimizers.AdamW(0.01, weight_decay=0.5)
+    sparse_inner.exclude_from_weight_decay(var_list=[head.kernel])
+    optimizer = km.PartialFCOptimizer(sparse_inner)
+    optimizer.build(model.trainable_variables)
+    (group,) = optimizer._pfc_groups
+    assert not sparse_inner._use_weight_decay(group.buffer) and group.buffer.path == head.kernel.path
+
+
+def test_sparse_update_refuses_what_it_cannot_step_exactly():
+    with pytest.raises(ValueError, match="update` must be one of"):
+        km.PartialFCOptimizer(keras.optimizers.SGD(), update="lazy")
+    for inner in (keras.optimizers.Lamb(), keras.optimizers.Adafactor()):
+        with pytest.raises(ValueError, match=f"got {type(inner).__name__}. Pass update='dense'"):
+            km.PartialFCOptimizer(inner)
+        km.PartialFCOptimizer(type(inner)(), update="dense")  # the dense restore takes any optimizer
+    with pytest.raises(ValueError, match="use_ema=True"):
+        km.PartialFCOptimizer(keras.optimizers.SGD(use_ema=True))
+    for what, option in (("regularizer", {"kernel_regularizer": "l2"}), ("constraint", {"kernel_constraint": "non_neg"})):
+        head = km.AMSoftmaxHead(_C, fused_loss=True, sample_rate=_RATE, sample_update="sampled", **option)
+        embeddings, labels = keras.Input((_D,)), keras.Input((), dtype="int32")
+        model = keras.Model([embeddings, labels], head([embeddings, labels]))
+        with pytest.raises(ValueError, match=f"has a {what}; update='sparse'"):
+            km.PartialFCOptimizer(keras.optimizers.SGD()).build(model.trainable_variables)
+        km.PartialFCOptimizer(keras.optimizers.SGD(), update="dense").build(model.trainable_variables)
+
+
+def test_sampled_head_refuses_a_batch_larger_than_its_fixed_sample():
+    head = km.AMSoftmaxHead(_C, fused_loss=True, sample_rate=_RATE, sample_update="sampled")
+    batch = num_sampled_classes(_C, _RATE) + 1
+    with pytest.raises(ValueError, match=f"= {batch - 1} classes per step, fewer than the batch of {batch}"):
+        head([np.ones((batch, _D), "float32"), np.arange(batch, dtype="int32")], training=True)
+    assert tuple(head.sample_gradient.shape) == (_D, batch - 1)
 
 
 def test_sampled_update_needs_sampling_and_a_known_value():
@@ -358,9 +436,12 @@ def test_partial_fc_optimizer_needs_the_sample_gradient():
     optimizer = km.PartialFCOptimizer(keras.optimizers.SGD())
     optimizer.build(model.trainable_variables)
     grads = [ops.zeros(v.shape, v.dtype) for v in model.trainable_variables]
-    grads[[v.path for v in model.trainable_variables].index(head.sampled_columns.path)] = None
-    with pytest.raises(ValueError, match="the step's sample is unknown"):
-        optimizer.apply(grads, model.trainable_variables)
+    paths = [v.path for v in model.trainable_variables]
+    for weight, what in ((head.sample_gradient, "the sampled columns' gradient"), (head.sampled_columns,
+                                                                                  "the step's sample")):
+        grads[paths.index(weight.path)] = None
+        with pytest.raises(ValueError, match=f"{what} is unknown"):
+            optimizer.apply(grads, model.trainable_variables)
 
 
 def test_sampled_columns_is_overwritten_not_stepped_by_a_plain_optimizer():
@@ -408,6 +489,7 @@ def test_take_columns_value_and_gradient_are_the_columns_and_their_scatter(jit, 
     rng = np.random.default_rng(5)
     kernel = rng.normal(size=(3, 9)).astype("float32")
     marker = np.full(9, 0.5, "float32")  # its value takes no part; its gradient is the sample's indicator
+    channel = np.full((3, 4), 0.25, "float32")  # likewise; its gradient is the sampled columns' gradient
     sampled = np.array([7, 2, 5, 0], dtype="int32")
     upstream = rng.normal(size=(3, 4)).astype("float32")
     expected_gradient = np.zeros((3, 9), "float32")
@@ -415,42 +497,70 @@ def test_take_columns_value_and_gradient_are_the_columns_and_their_scatter(jit, 
     expected_marker = np.zeros(9, "float32")
     expected_marker[sampled] = 1.0
 
-    def take(w, m):
-        return sampling.take_columns(w, sampled, m if with_marker else None)
+    def take(w, m, c):
+        return sampling.take_columns(w, sampled, *((m, c) if with_marker else (None, None)))
 
     if keras.backend.backend() == "jax":
         import jax
 
-        def loss(w, m):
-            columns = take(w, m)
+        def loss(w, m, c):
+            columns = take(w, m, c)
             return ops.sum(columns * upstream), columns
 
-        def value_and_grad(w, m):
-            (_, columns), (d_w, d_m) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(w, m)
-            return columns, d_w, d_m
-        columns, gradient, d_marker = (jax.jit(value_and_grad) if jit else value_and_grad)(kernel, marker)
+        def value_and_grad(w, m, c):
+            (_, columns), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(w, m, c)
+            return (columns, *grads)
+        columns, gradient, d_marker, d_channel = (jax.jit(value_and_grad) if jit else value_and_grad)(
+            kernel, marker, channel)
     else:
         import tensorflow as tf
 
-        def value_and_grad(w, m):
+        def value_and_grad(w, m, c):
             with tf.GradientTape() as tape:
-                tape.watch([w, m])
-                columns = take(w, m)
+                tape.watch([w, m, c])
+                columns = take(w, m, c)
                 loss = tf.reduce_sum(columns * upstream)
-            return (columns, *tape.gradient(loss, [w, m]))
-        columns, gradient, d_marker = (tf.function(value_and_grad, jit_compile=jit) if jit else value_and_grad)(
-            tf.constant(kernel), tf.constant(marker))
+            return (columns, *tape.gradient(loss, [w, m, c]))
+        columns, gradient, d_marker, d_channel = (
+            tf.function(value_and_grad, jit_compile=jit) if jit else value_and_grad)(
+            tf.constant(kernel), tf.constant(marker), tf.constant(channel))
     np.testing.assert_array_equal(ops.convert_to_numpy(columns), kernel[:, sampled])
     np.testing.assert_array_equal(ops.convert_to_numpy(gradient), expected_gradient)
     if with_marker:
         np.testing.assert_array_equal(ops.convert_to_numpy(d_marker), expected_marker)
-    else:  # not an input of the op: no gradient (TensorFlow) or zeros (JAX)
-        assert d_marker is None or not np.any(ops.convert_to_numpy(d_marker))
+        np.testing.assert_array_equal(ops.convert_to_numpy(d_channel), upstream)
+    else:  # not inputs of the op: no gradient (TensorFlow) or zeros (JAX)
+        for d_extra in (d_marker, d_channel):
+            assert d_extra is None or not np.any(ops.convert_to_numpy(d_extra))
 
 
-def test_take_columns_refuses_a_marker_of_the_wrong_shape():
+def test_take_columns_refuses_a_marker_or_channel_of_the_wrong_shape():
     with pytest.raises(ValueError, match=r"`marker` must have shape \(9,\)"):
         sampling.take_columns(np.zeros((3, 9), "float32"), np.array([1, 2], "int32"), np.zeros(8, "float32"))
+    with pytest.raises(ValueError, match=r"`channel` must have shape \(3, 2\)"):
+        sampling.take_columns(np.zeros((3, 9), "float32"), np.array([1, 2], "int32"), None, np.zeros((2, 3)))
+
+
+@pytest.mark.parametrize("form", ["select", "flat scatter", "coordinate scatter"])
+def test_sample_indices_and_scatter_columns_invert_the_gather(form, monkeypatch):
+    if form == "select" and keras.backend.backend() != "tensorflow":
+        pytest.skip("scatter_columns selects on TensorFlow only")
+    if form != "select":  # 4 of 11 classes: the select on TensorFlow, unless _SELECT_FROM says to scatter
+        monkeypatch.setattr(sampling, "_SELECT_FROM", 0)
+    if form == "coordinate scatter":  # the scatter of kernels too large for flat int32 indices
+        monkeypatch.setattr(sampling, "_FLAT_INDEX_LIMIT", 0)
+    rng = np.random.default_rng(8)
+    kernel = rng.normal(size=(3, 11)).astype("float32")
+    sampled = np.array([1, 4, 5, 9], "int32")
+    indicator = np.zeros(11, "float32")
+    indicator[sampled] = 1.0
+    indices = ops.convert_to_numpy(sampling.sample_indices(indicator, 4))
+    np.testing.assert_array_equal(indices, sampled)
+    np.testing.assert_array_equal(ops.convert_to_numpy(sampling.gather_columns(kernel, indices)), kernel[:, sampled])
+    columns = rng.normal(size=(3, 4)).astype("float32")
+    expected = kernel.copy()
+    expected[:, sampled] = columns
+    np.testing.assert_array_equal(ops.convert_to_numpy(sampling.scatter_columns(kernel, indices, columns)), expected)
 
 
 def test_score_hash_is_lowbias32_with_32_bit_wrap_around():
