@@ -60,7 +60,7 @@ EOF
     python "$ROOT/benchmarks/large_classes.py" ${GPU_LARGE_ARGS:---million}
     # Partial FC's two update rules (PartialFC_V2 and v1) with Keras' SGD momentum, against the dense step.
     # shellcheck disable=SC2086
-    python "$ROOT/benchmarks/large_classes.py" ${GPU_PFC_ARGS:---classes 85742,1000000 --paths dense,sampled,sampled-v1 --optimizer momentum}
+    python "$ROOT/benchmarks/large_classes.py" ${GPU_PFC_ARGS:---classes 85742,1000000 --paths dense,sampled,sampled-v1,sampled-v1-dense --optimizer momentum}
     echo "gpu.sh: done in $(( $(date +%s) - started )) s (steps per second = 1000 / the ms columns)"
 }
 
