@@ -50,9 +50,9 @@ class PartialFCOptimizer(keras.optimizers.Optimizer):
       ``keras_margin.recipes.RecipeSGD``; others (``Lamb``'s trust ratio, ``Adafactor``'s factored moments,
       ``Muon``) are refused, and so are a kernel regularizer or constraint (a regularizer's gradient
       reaches the whole kernel, not the sampled columns' channel) and ``use_ema``. The buffers take the
-      kernel's name and path, so weight-decay exclusions and path patterns treat them as the kernel. The
-      scatter wants XLA (JAX, or ``jit_compile=True`` on TensorFlow): without it TensorFlow scatters
-      element by element.
+      kernel's name and path, so weight-decay exclusions and path patterns treat them as the kernel. It
+      wants XLA (JAX, or ``jit_compile=True`` on TensorFlow): TensorFlow without XLA (Keras' default on a
+      CPU) runs it slower than ``"dense"`` (85,742 classes, batch 256: 0.53 s against 0.45 s).
     - ``"dense"``: the inner optimizer steps the whole kernel from its dense gradient, then the columns
       outside the sample get back their weight and slots (``where(sampled, new, old)``). Any optimizer,
       kernel regularizers and constraints included, at the cost of the dense update.
