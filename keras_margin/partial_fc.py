@@ -319,15 +319,32 @@ def _check_sparse_kernel(owner: str, kernel) -> None:
 
 
 def _column_buffer(kernel, shape):
-    """A (d, K) variable named as the kernel, with the kernel's path, for the inner optimizer to step."""
+    """A (d, K) variable named as the kernel, with the kernel's path, for the inner optimizer to step; laid out
+    as the kernel (keras.distribution) along every axis K or d divides, replicated along the others."""
     parent, _, _ = kernel.path.rpartition("/")
-    scope_name = parent.rpartition("/")[2] if parent else None
-    scope_parent = parent.rpartition("/")[0] if parent else None
-    initializer = keras.initializers.Zeros()
-    if scope_name is None:
-        return keras.Variable(initializer, shape=tuple(shape), dtype=kernel.dtype, name=kernel.name)
+    options = {"shape": tuple(shape), "dtype": kernel.dtype, "name": kernel.name,
+               "layout": _divisible_layout(getattr(kernel, "_layout", None), tuple(shape))}
+    if not parent:
+        return keras.Variable(keras.initializers.Zeros(), **options)
+    scope_parent, _, scope_name = parent.rpartition("/")
     with keras.name_scope(scope_name, override_parent=scope_parent):
-        return keras.Variable(initializer, shape=tuple(shape), dtype=kernel.dtype, name=kernel.name)
+        return keras.Variable(keras.initializers.Zeros(), **options)
+
+
+def _divisible_layout(layout, shape):
+    """``layout`` (a ``keras.distribution.TensorLayout`` or None) with the axes that do not divide ``shape`` dropped."""
+    if not isinstance(layout, keras.distribution.TensorLayout) or layout.device_mesh is None:
+        return layout
+    mesh = layout.device_mesh
+    sizes = dict(zip(mesh.axis_names, mesh.shape))
+    axes = []
+    for size, axis in zip(shape, layout.axes):
+        names = () if axis is None else (axis,) if isinstance(axis, str) else tuple(axis)
+        shards = 1
+        for name in names:
+            shards *= sizes[name]
+        axes.append(axis if size % shards == 0 else None)
+    return keras.distribution.TensorLayout(axes, mesh)
 
 
 def _build_recording_slots(optimizer, variables) -> tuple[dict[int, list], dict[int, tuple]]:

@@ -84,7 +84,10 @@ CASES = {"cosine_path": cosine_path, "label_aware": label_aware, "fused_chunked"
          # Partial FC v1: the sample (16 of 64 classes: the labels use the first 16) drawn on the global batch,
          # the unsampled columns and their momentum restored.
          "partial_fc_v1": lambda: _fused(km.AMSoftmaxHead(4 * C, s=10.0, fused_loss=True, sample_rate=0.25,
-                                                          sample_update="sampled", name="head"))}
+                                                          sample_update="sampled", name="head")),
+         # 17 sampled classes: the stepped (d, 17) buffer cannot split over 2 class shards, so it is replicated.
+         "partial_fc_v1_uneven": lambda: _fused(km.AMSoftmaxHead(4 * C, s=10.0, fused_loss=True, sample_rate=0.26,
+                                                                 sample_update="sampled", name="head"))}
 
 def optimizer_for(model):
     if model.get_layer("head").get_config().get("sample_update") == "sampled":
@@ -160,11 +163,12 @@ def test_newer_heads_class_sharded_on_four_jax_devices_match_one_device():
 
 
 def test_partial_fc_v1_class_sharded_on_four_jax_devices_matches_one_device():
-    report = _sharded_report([("partial_fc_v1", (2, 2))])
-    case = report["partial_fc_v1"]
-    assert case["steps"] == 3 and case["loss"] <= 1e-5 and case["weights"] <= 1e-5, case
-    assert case["spec_before"] == case["spec_after"] == [None, "model"], case
-    assert case["shard_shapes"] == [[8, 32]]  # (8, 64) over the 2 class shards
+    report = _sharded_report([("partial_fc_v1", (2, 2)), ("partial_fc_v1_uneven", (2, 2))])
+    for name in ("partial_fc_v1", "partial_fc_v1_uneven"):
+        case = report[name]
+        assert case["steps"] == 3 and case["loss"] <= 1e-5 and case["weights"] <= 1e-5, (name, case)
+        assert case["spec_before"] == case["spec_after"] == [None, "model"], (name, case)
+        assert case["shard_shapes"] == [[8, 32]]  # (8, 64) over the 2 class shards
 
 
 _MIRRORED = """
