@@ -43,8 +43,9 @@ class PartialFCOptimizer(keras.optimizers.Optimizer):
     Two ways to compute it (``update``):
     - ``"sparse"`` (default): the sampled columns of W and of each slot are gathered into (d, K) buffers,
       the inner optimizer steps those from the sampled columns' gradient (the head's ``sample_gradient``
-      weight carries it), and the results are scattered back. No (d, C) gradient is formed (XLA drops the
-      unused one) and nothing outside the sample is read or written but by the gather and the scatter.
+      weight carries it), and the results are written back (``sampling.scatter_columns``: a scatter, or on
+      TensorFlow a select over the kernel's columns, whichever XLA on CPU runs faster). No (d, C) gradient
+      is formed (XLA drops the unused one) and no state outside the sample changes.
       Exact for optimizers whose step treats each element on its own: ``SGD``, ``Adam``, ``AdamW``,
       ``Adamax``, ``Nadam``, ``RMSprop``, ``Adagrad``, ``Adadelta``, ``Ftrl``, ``Lion`` and
       ``keras_margin.recipes.RecipeSGD``; others (``Lamb``'s trust ratio, ``Adafactor``'s factored moments,
@@ -193,6 +194,7 @@ class PartialFCOptimizer(keras.optimizers.Optimizer):
         position = [self._get_variable_index(v) for v in trainable_variables]
         at = dict(zip(position, range(len(position))))
         variables = self._trainable_variables
+
         def gradient(index: int, what: str):
             if index not in at or grads[at[index]] is None:
                 raise ValueError(f"{type(self).__name__}: no gradient reached {variables[index].path}, so {what} "

@@ -34,14 +34,12 @@ def check_sample_update(owner: str, sample_update, sample_rate: float) -> str:
 
 
 _MARKER_ATTRIBUTE = "_keras_margin_sampled_kernel"
-_CHANNEL_ATTRIBUTE = "_keras_margin_sample_gradient_of"
 
 
 def pair_sample_marker(marker, kernel, channel) -> None:
-    """Tag a head's ``sampled_columns`` weight with the kernel whose sample its gradient carries, and the
-    head's ``sample_gradient`` weight (whose gradient is the sampled columns' gradient) with that kernel too."""
+    """Tag a head's ``sampled_columns`` weight with the kernel whose sample its gradient carries and the
+    head's ``sample_gradient`` weight, whose gradient is the sampled columns' gradient."""
     setattr(marker, _MARKER_ATTRIBUTE, (kernel, channel))
-    setattr(channel, _CHANNEL_ATTRIBUTE, kernel)
 
 
 def sampled_kernel(variable):
@@ -53,11 +51,6 @@ def sampled_kernel(variable):
 def sample_gradient_weight(marker):
     """The ``sample_gradient`` weight paired with a ``sampled_columns`` weight (its head's)."""
     return getattr(marker, _MARKER_ATTRIBUTE)[1]
-
-
-def is_sample_gradient(variable) -> bool:
-    """Whether ``variable`` is a head's ``sample_gradient`` weight (a gradient channel, never a parameter)."""
-    return getattr(variable, _CHANNEL_ATTRIBUTE, None) is not None
 
 
 def num_sampled_classes(num_classes: int, sample_rate: float, batch_size: int | None = None) -> int:
