@@ -144,12 +144,11 @@ class PartialFCOptimizer(keras.optimizers.Optimizer):
         # Plain objects, not lists of Variables: the optimizer tracks any Variable it holds as its own.
         self._pfc_groups = []
         if self.update == "sparse":
+            buffers = []
             for kernel, (_, channel) in zip(kernels, markers.values()):
                 _check_sparse_kernel(owner, kernel)
-            buffers = [_column_buffer(kernel, var_list[channel].shape) for kernel, (_, channel)
-                       in zip(kernels, markers.values())]
-            for kernel, buffer in zip(kernels, buffers):
-                _keras_private.share_weight_decay_exclusion(self.inner_optimizer, kernel, buffer)
+                buffers.append(_column_buffer(kernel, var_list[channel].shape))
+                _keras_private.share_weight_decay_exclusion(self.inner_optimizer, kernel, buffers[-1])
             inner_targets = [v for v in model_variables if all(v is not k for k in kernels)] + buffers
         else:
             buffers, inner_targets = [None] * len(kernels), model_variables

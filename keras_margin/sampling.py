@@ -217,11 +217,8 @@ def take_columns(kernel, sampled, marker=None, channel=None):
 
         def grad(*upstream, **_):
             (upstream,) = upstream_gradients(upstream)
-            if "marker" in names:  # read twice by PartialFCOptimizer(update="dense"): materialized, so in row order
-                columns = gather_columns(upstream, ops.maximum(position, 0))
-            else:
-                columns = ops.take(upstream, ops.maximum(position, 0), axis=1)
-            d_kernel = ops.where(position[None, :] >= 0, columns, ops.zeros_like(columns))
+            # With a marker, read twice by PartialFCOptimizer(update="dense"): materialized, so in row order.
+            d_kernel = _spread_columns(upstream, position, 0.0, row_order="marker" in names)
             extra_grads = {"marker": lambda dtype: ops.cast(position >= 0, dtype),
                            "channel": lambda dtype: ops.cast(upstream, dtype)}
             return (ops.cast(d_kernel, kernel.dtype), None,
@@ -294,9 +291,7 @@ def scatter_columns(kernel, sampled, columns):
     num_sampled = sampled.shape[0]
     columns = ops.cast(columns, kernel.dtype)
     if keras.backend.backend() == "tensorflow" and num_sampled * _SELECT_FROM >= num_classes:
-        position = _positions(sampled, num_classes)
-        spread = gather_columns(columns, ops.maximum(position, 0))
-        return ops.where(position[None, :] >= 0, spread, kernel)
+        return _spread_columns(columns, _positions(sampled, num_classes), kernel)
     if d * num_classes >= _FLAT_INDEX_LIMIT:
         rows = ops.broadcast_to(ops.arange(d, dtype="int32")[:, None], (d, num_sampled))
         coordinates = ops.stack([rows, ops.broadcast_to(sampled[None, :], rows.shape)], axis=-1)
@@ -307,6 +302,15 @@ def scatter_columns(kernel, sampled, columns):
 
 
 _SELECT_FROM = 16  # TensorFlow: scatter_columns selects over every column when K * 16 >= C (3 us vs 0.2 us a column)
+
+
+def _spread_columns(columns, position, otherwise, row_order: bool = True):
+    """(d, C): column j is ``columns[:, position[j]]`` where ``position[j] >= 0``, else ``otherwise``'s (a (d, C)
+    tensor or a scalar). ``row_order`` gathers through ``gather_columns`` (written in row order), else
+    ``ops.take`` (which XLA on CPU forms transposed: cheaper when the result is read once, in a fusion)."""
+    safe = ops.maximum(position, 0)
+    spread = gather_columns(columns, safe) if row_order else ops.take(columns, safe, axis=1)
+    return ops.where(position[None, :] >= 0, spread, ops.cast(otherwise, spread.dtype))
 
 
 def _flat_indices(d: int, num_classes: int, sampled):
