@@ -28,6 +28,10 @@ Usage:
     python benchmarks/heads.py --batch 512 --classes 85742 --jit on --reps 5 --heads amsoftmax,arcface
     python benchmarks/heads.py --breakdown          # where the time goes inside the head (see --help)
     python benchmarks/heads.py --form fused          # the fused_loss=True training path of every head
+    python benchmarks/heads.py --kernel-layout classes_first   # the heads with a class-major (C, d) kernel
+
+With ``--kernel-layout classes_first`` the heads hold their kernel as (C, d) (``kernel_layout="classes_first"``);
+the floor stays the three products of the (d, C) kernel above, so the ratios compare with the default layout's.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from typing import Sequence
 import numpy as np
 
 FLOOR = "matmul floor"
+CLASSES_LAST_ONLY = ("subcenter_arcface", "lsoftmax")  # heads without kernel_layout="classes_first"
 # Face-recognition defaults of each head (what a real training run uses): the benchmark times those.
 HEADS = {
     "normface": ("NormFaceHead", {}),
@@ -111,6 +116,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="default: each head's form below (cosines + head.loss, or its logits); fused: "
                              "fused_loss=True, the head's own float32 loss, stateless_call([x, labels], "
                              "training=True), as a training model for many classes runs it")
+    parser.add_argument("--kernel-layout", choices=["classes_last", "classes_first"], default="classes_last",
+                        help="the heads' kernel_layout (default classes_last: (d, C); the floor is always (d, C))")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one configuration as JSON
     args = parser.parse_args(argv)
     if args.quick:
@@ -121,6 +128,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = [h for h in args.heads if h not in HEADS]
     if unknown:
         parser.error(f"--heads: unknown {unknown}; choose from {list(HEADS)}")
+    if args.kernel_layout == "classes_first":  # these two keep the (d, C) kernel (their constructors refuse)
+        args.heads = [h for h in args.heads if h not in CLASSES_LAST_ONLY]
     if args.reps is not None and args.reps < 1:
         parser.error("--reps must be >= 1")
     return args
@@ -190,7 +199,8 @@ def _loss_fn(config):
 
         return stage_loss
 
-    head = make_head(objective, num_classes, batch, dim, fused_loss=config.get("form") == "fused")
+    head = make_head(objective, num_classes, batch, dim, fused_loss=config.get("form") == "fused",
+                     kernel_layout=config.get("kernel_layout", "classes_last"))
     non_trainable = [v.value for v in head.non_trainable_variables]
     if config.get("form") == "fused":
 
@@ -218,12 +228,16 @@ def _loss_fn(config):
     return head_logits_loss
 
 
-def make_head(objective: str, num_classes: int, batch: int, dim: int, fused_loss: bool = False):
+def make_head(objective: str, num_classes: int, batch: int, dim: int, fused_loss: bool = False,
+              kernel_layout: str = "classes_last"):
     """The built head of ``objective`` at its defaults (``HEADS``), with ``fused_loss`` for ``--form fused``."""
     import keras_margin as km
 
     class_name, kwargs = HEADS[objective]
-    head = getattr(km, class_name)(num_classes, **kwargs, **({"fused_loss": True} if fused_loss else {}))
+    options = {**kwargs, **({"fused_loss": True} if fused_loss else {})}
+    if kernel_layout != "classes_last":
+        options["kernel_layout"] = kernel_layout
+    head = getattr(km, class_name)(num_classes, **options)
     head.build((batch, dim))
     return head
 
@@ -257,8 +271,12 @@ def _build_step(config, objective: str, arrays: dict, device_arrays: dict):
     if not is_floor:
         loss_fn = _loss_fn(config)
         if config.get("stage") is None:
-            shape = tuple(make_head(objective, config["classes"], config["batch"], config["dim"]).kernel.shape)
-            if shape != arrays["kernel"].shape:  # Sub-center ArcFace: (d, k * C); the floor keeps (d, C)
+            shape = tuple(make_head(objective, config["classes"], config["batch"], config["dim"],
+                                    kernel_layout=config.get("kernel_layout", "classes_last")).kernel.shape)
+            if shape == arrays["kernel"].shape[::-1]:  # class-major (C, d): the floor's kernel transposed
+                arrays["head_kernel"] = np.ascontiguousarray(arrays["kernel"].T)
+                names = ("x", "head_kernel", "labels")
+            elif shape != arrays["kernel"].shape:  # Sub-center ArcFace: (d, k * C); the floor keeps (d, C)
                 rng = np.random.default_rng(config["seed"] + 1)
                 arrays["head_kernel"] = rng.standard_normal(shape, dtype=np.float32) / np.float32(np.sqrt(shape[0]))
                 names = ("x", "head_kernel", "labels")
@@ -443,7 +461,8 @@ def _configs(args) -> list[dict]:
                 for objective, stage in objectives:
                     configs.append({"backend": args.backend, "jit": jit, "batch": batch, "classes": num_classes,
                                     "dim": args.dim, "objective": objective, "stage": stage, "reps": reps,
-                                    "warmup": args.warmup, "seed": args.seed, "form": args.form})
+                                    "warmup": args.warmup, "seed": args.seed, "form": args.form,
+                                    "kernel_layout": args.kernel_layout})
     return configs
 
 

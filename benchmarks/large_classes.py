@@ -29,7 +29,8 @@ The update is ``w -= 0.1 g`` by default; ``--optimizer momentum`` makes it Keras
 and the optimizer wrapped in ``keras_margin.PartialFCOptimizer`` (InsightFace's first version: only the
 sampled columns and their momentum stepped), its default sparse update (the sampled columns gathered, stepped
 and scattered back); "sampled-v1-dense" the same with ``update="dense"`` (the whole kernel stepped, the
-columns outside the sample and their momentum restored).
+columns outside the sample and their momentum restored). A path name with "-class-major" appended runs the
+same with ``kernel_layout="classes_first"`` (the kernel (C, d), one row per class; e.g. "sampled-v1-class-major").
 
 Usage:
     KERAS_BACKEND=jax python benchmarks/large_classes.py                 # 10,516 and 85,742 classes
@@ -38,6 +39,7 @@ Usage:
     python benchmarks/large_classes.py --backend tensorflow --jit off   # TF without XLA (its CPU default)
     python benchmarks/large_classes.py --paths dense,rows,classes,sampled  # both chunkings, Partial FC (0.1)
     python benchmarks/large_classes.py --paths dense,sampled,sampled-v1,sampled-v1-dense --optimizer momentum
+    python benchmarks/large_classes.py --paths dense,sampled-v1,sampled-v1-class-major --optimizer momentum
     python benchmarks/large_classes.py --quick                          # small sizes: a smoke test
 """
 
@@ -57,6 +59,7 @@ DEFAULT_CHUNK_ROWS = 64  # rows per chunk; on CPU 64 beat 32 (each chunk rewrite
 DEFAULT_CHUNK_CLASSES = 8192  # classes per chunk
 SAMPLE_RATE = 0.1
 V1_UPDATES = {"sampled-v1": "sparse", "sampled-v1-dense": "dense"}  # PartialFCOptimizer(update=...) of each path
+CLASS_MAJOR = "-class-major"  # path suffix: the head's kernel_layout="classes_first"
 GIB, MIB = 2.0**30, 2.0**20
 
 
@@ -95,7 +98,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def path_options(path: str) -> dict:
     """Head options of a path name: "dense", "rows R" (R rows per chunk), "classes N" (N classes per chunk),
-    "sampled" (Partial FC)."""
+    "sampled" (Partial FC); any of them with the "-class-major" suffix."""
+    if path.endswith(CLASS_MAJOR):
+        return {**path_options(path[:-len(CLASS_MAJOR)]), "kernel_layout": "classes_first"}
     if path == "dense":
         return {}
     if path.startswith(("rows ", "classes ")):
@@ -110,15 +115,16 @@ def path_options(path: str) -> dict:
 
 def _optimizer(config: dict, variables):
     """The Keras optimizer of the step, built on ``variables``; None for the plain ``w -= 0.1 g`` update."""
-    if config["optimizer"] == "plain" and config["path"] not in V1_UPDATES:
+    v1 = config["path"].removesuffix(CLASS_MAJOR) in V1_UPDATES
+    if config["optimizer"] == "plain" and not v1:
         return None
     import keras
 
     import keras_margin as km
 
     optimizer = keras.optimizers.SGD(0.1, momentum=0.9 if config["optimizer"] == "momentum" else 0.0)
-    if config["path"] in V1_UPDATES:
-        optimizer = km.PartialFCOptimizer(optimizer, update=V1_UPDATES[config["path"]])
+    if v1:
+        optimizer = km.PartialFCOptimizer(optimizer, update=V1_UPDATES[config["path"].removesuffix(CLASS_MAJOR)])
     optimizer.build(variables)
     return optimizer
 
@@ -319,13 +325,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     for name in (p.strip() for p in args.paths.split(",")):
         if name == "rows":
             paths += [f"rows {int(rows)}" for rows in args.chunk_rows.split(",")]
-        elif name == "classes":
-            paths += [f"classes {int(size)}" for size in args.chunk_classes.split(",")]
-        elif name in ("dense", "sampled", *V1_UPDATES):
+        elif name.removesuffix(CLASS_MAJOR) == "classes":
+            paths += [f"classes {int(size)}{name[len('classes'):]}" for size in args.chunk_classes.split(",")]
+        elif name.removesuffix(CLASS_MAJOR) in ("dense", "sampled", *V1_UPDATES):
             paths.append(name)
         else:
             raise SystemExit(f"unknown --paths {name!r}; choose from dense, rows, classes, sampled, "
-                             f"{', '.join(V1_UPDATES)}")
+                             f"{', '.join(V1_UPDATES)} (each but rows also with {CLASS_MAJOR!r})")
     jit = "XLA" if args.backend == "jax" or args.jit == "on" else "no XLA"
     print(f"backend {args.backend} ({jit}), batch {args.batch}, embedding {args.dim}, AM-Softmax (s=30, m=0.35), "
           f"update {args.optimizer}, {os.cpu_count()} CPUs, MemAvailable {_mem_available() / GIB:.1f} GiB; "

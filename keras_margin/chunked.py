@@ -52,7 +52,8 @@ def _chunk_columns(start, chunk_size: int):
     return ops.arange(chunk_size, dtype="int32")[None, :] + ops.cast(start, "int32")
 
 
-def nontarget_logsumexp(x, kernel, class_ids, scale, chunk_size: int, compute_dtype: str = "float32"):
+def nontarget_logsumexp(x, kernel, class_ids, scale, chunk_size: int, compute_dtype: str = "float32",
+                        classes_first: bool = False):
     """Log-sum-exp of ``scale * cos(theta_j)`` over the non-target classes, and ``cos(theta_y)``, by chunks.
 
     Formula:
@@ -73,7 +74,8 @@ def nontarget_logsumexp(x, kernel, class_ids, scale, chunk_size: int, compute_dt
 
     Args:
         x: embeddings (batch, embedding_dim), not necessarily normalized.
-        kernel: class weights (embedding_dim, C), one column per class.
+        kernel: class weights (embedding_dim, C), one column per class; (C, embedding_dim) with
+            ``classes_first`` (class-major: each chunk is a block of rows, as is its gradient).
         class_ids: int32 (batch,).
         scale: float32 (batch,), the factor turning cosines into logits (differentiable).
         chunk_size: classes per chunk, >= 1.
@@ -82,18 +84,23 @@ def nontarget_logsumexp(x, kernel, class_ids, scale, chunk_size: int, compute_dt
     Returns:
         ``(lse_other, cos_target)``, both float32 (batch,).
     """
-    num_classes = kernel.shape[-1]
+    num_classes = class_count(kernel, classes_first)
     chunk_size = min(int(chunk_size), num_classes)
+
+    def classes(tensor, start):
+        """The chunk's ``chunk_size`` classes of a kernel-shaped tensor, from class ``start``."""
+        if classes_first:
+            return ops.slice(tensor, (start, 0), (chunk_size, tensor.shape[1]))
+        return ops.slice(tensor, (0, start), (tensor.shape[0], chunk_size))
 
     @ops.custom_gradient
     def op(x, kernel, class_ids, scale):
-        embedding_dim = kernel.shape[0]
         x32 = ops.cast(x, "float32")
         zeros = ops.zeros_like(x32[:, 0])
 
         def forward_chunk(start, is_new, carry):
             lse_other, cos_target = carry
-            cos = cosine_matrix(x32, ops.slice(kernel, (0, start), (embedding_dim, chunk_size)), compute_dtype)
+            cos = cosine_matrix(x32, classes(kernel, start), compute_dtype, classes_first)
             is_target = ops.equal(_chunk_columns(start, chunk_size), class_ids[:, None])
             cos_target = cos_target + ops.sum(ops.where(is_target & is_new, cos, 0.0), axis=-1)
             logits = ops.where(is_target | ~is_new, _NEG_INF, scale[:, None] * cos)
@@ -109,9 +116,9 @@ def nontarget_logsumexp(x, kernel, class_ids, scale, chunk_size: int, compute_dt
 
             def backward_chunk(start, is_new, carry):
                 d_x_unit, d_scale, d_kernel = carry
-                w = ops.cast(ops.slice(kernel, (0, start), (embedding_dim, chunk_size)), "float32")
-                inv_norm = ops.rsqrt(column_sq_norms(w) + _NORM_EPS)
-                cos = cosine_matrix(x32, w, compute_dtype)           # recomputed, not stored
+                w = ops.cast(classes(kernel, start), "float32")
+                inv_norm = ops.rsqrt(column_sq_norms(w, classes_first) + _NORM_EPS)
+                cos = cosine_matrix(x32, w, compute_dtype, classes_first)           # recomputed, not stored
                 is_target = ops.equal(_chunk_columns(start, chunk_size), class_ids[:, None])
                 logits = ops.where(is_target | ~is_new, _NEG_INF, scale[:, None] * cos)
                 softmax = ops.exp(logits - lse_other[:, None])        # over non-target classes
@@ -122,11 +129,12 @@ def nontarget_logsumexp(x, kernel, class_ids, scale, chunk_size: int, compute_dt
                 # A plain column sum: the pairwise halving would keep halved (batch, chunk) copies alive in
                 # the loop, and JAX reduces a chunk's few thousand columns quickly.
                 d_x_chunk, d_w = unit_column_product_gradients(x_unit, w, inv_norm, cos, d_cos, compute_dtype,
-                                                               reduce_rows=lambda a: ops.sum(a, axis=0))
+                                                               reduce_rows=lambda a: ops.sum(a, axis=0),
+                                                               classes_first=classes_first)
                 d_x_unit = d_x_unit + d_x_chunk
                 # Columns already covered by the previous chunk get d_w = 0 here: accumulate, in place.
-                d_w = ops.slice(d_kernel, (0, start), (embedding_dim, chunk_size)) + ops.cast(d_w, d_kernel.dtype)
-                d_kernel = ops.slice_update(d_kernel, (0, start), d_w)
+                d_w = classes(d_kernel, start) + ops.cast(d_w, d_kernel.dtype)
+                d_kernel = ops.slice_update(d_kernel, (start, 0) if classes_first else (0, start), d_w)
                 return d_x_unit, d_scale, d_kernel
 
             d_x_unit, d_scale, d_kernel = _for_each_chunk(
@@ -144,7 +152,7 @@ def nontarget_logsumexp(x, kernel, class_ids, scale, chunk_size: int, compute_dt
 
 
 def chunked_margin_loss(x, kernel, class_ids, target: TargetFn, scale, chunk_size: int,
-                        compute_dtype: str = "float32"):
+                        compute_dtype: str = "float32", classes_first: bool = False):
     """Per-sample margin-softmax cross-entropy computed over class chunks; equal to the unchunked loss.
 
     Formula:
@@ -162,6 +170,7 @@ def chunked_margin_loss(x, kernel, class_ids, target: TargetFn, scale, chunk_siz
         class_ids: int (batch,). target: the objective's target function (e.g. ``MarginHead.target``).
         scale: float, scalar tensor or (batch, 1) tensor. chunk_size: classes per chunk, >= 1.
         compute_dtype: dtype of the matrix products (default "float32").
+        classes_first: the kernel is class-major, (C, embedding_dim).
 
     Example:
     >>> import numpy as np
@@ -174,10 +183,16 @@ def chunked_margin_loss(x, kernel, class_ids, target: TargetFn, scale, chunk_siz
     chunk_size = _validation.check_count("chunked_margin_loss", "chunk_size", chunk_size, minimum=1)
     class_ids = ops.cast(class_ids, "int32")
     scale = per_sample_scale(scale, x)
-    lse_other, cos_target = nontarget_logsumexp(x, kernel, class_ids, scale, chunk_size, compute_dtype)
+    lse_other, cos_target = nontarget_logsumexp(x, kernel, class_ids, scale, chunk_size, compute_dtype,
+                                                classes_first)
     target_logit = scale * target(cos_target)
     loss = ops.softplus(lse_other - target_logit)  # = logaddexp(lse_other, z_y) - z_y, no cancellation in d/dz_y
-    return ops.where(_valid(class_ids, kernel.shape[-1]), loss, float("nan"))
+    return ops.where(_valid(class_ids, class_count(kernel, classes_first)), loss, float("nan"))
+
+
+def class_count(kernel, classes_first: bool = False) -> int:
+    """C of a (d, C) kernel, or of a class-major (C, d) one."""
+    return kernel.shape[0] if classes_first else kernel.shape[-1]
 
 
 CHUNK_BY = ("classes", "rows")
@@ -191,7 +206,7 @@ def check_chunk_by(owner: str, chunk_by) -> str:
 
 
 def margin_loss(x, kernel, class_ids, target: TargetFn, scale, chunk_size: int | None = None,
-                compute_dtype: str = "float32", chunk_by: str = "classes"):
+                compute_dtype: str = "float32", chunk_by: str = "classes", classes_first: bool = False):
     """Per-sample margin-softmax cross-entropy from embeddings and class weights.
 
     ``chunk_size=None``: the (batch, C) path of ``core`` (cosines, margin logits, cross-entropy).
@@ -200,12 +215,16 @@ def margin_loss(x, kernel, class_ids, target: TargetFn, scale, chunk_size: int |
       memory beyond the kernel gradient, four matrix products per chunk (the backward pass recomputes).
     - ``chunk_by="rows"``: ``row_chunked.row_chunked_margin_loss``, chunks of ``chunk_size`` rows of the batch
       against every class, O(chunk_size x C) memory, three matrix products (the dense path's count).
+    ``classes_first``: the kernel is class-major, (C, d) (not with ``chunk_by="rows"``).
     """
     if chunk_size is None:
         class_ids = ops.cast(class_ids, "int32")
-        return margin_cross_entropy(cosine_matrix(x, kernel, compute_dtype), class_ids, target, scale)
+        return margin_cross_entropy(cosine_matrix(x, kernel, compute_dtype, classes_first), class_ids, target, scale)
     if check_chunk_by("margin_loss", chunk_by) == "rows":
+        if classes_first:
+            raise ValueError("margin_loss: chunk_by='rows' takes a (d, C) kernel, not a class-major one "
+                             "(kernel_layout='classes_first'); chunk by classes.")
         from keras_margin.row_chunked import row_chunked_margin_loss
 
         return row_chunked_margin_loss(x, kernel, class_ids, target, scale, chunk_size, compute_dtype)
-    return chunked_margin_loss(x, kernel, class_ids, target, scale, chunk_size, compute_dtype)
+    return chunked_margin_loss(x, kernel, class_ids, target, scale, chunk_size, compute_dtype, classes_first)

@@ -24,24 +24,26 @@ def l2_normalize(x, axis: int = -1):
     return x * ops.rsqrt(ops.sum(ops.square(x), axis=axis, keepdims=True) + _NORM_EPS)
 
 
-def cosine_matrix(x, kernel, compute_dtype: str = "float32"):
-    """cos(theta) between each row of ``x`` (batch, d) and each column of ``kernel`` (d, C), in float32.
+def cosine_matrix(x, kernel, compute_dtype: str = "float32", classes_first: bool = False):
+    """cos(theta) between each row of ``x`` (batch, d) and each class weight of ``kernel``, in float32.
 
     Formula:
     ```
-    cos[i, j] = <x_i / |x_i|, W[:, j]> / |W[:, j]|
+    cos[i, j] = <x_i / |x_i|, W[:, j]> / |W[:, j]|        kernel (d, C); classes_first: W[j, :] of (C, d)
     ```
     The matrix product runs in ``compute_dtype`` (float16/bfloat16 under mixed precision); the norms and
-    the result are float32. Column norms scale the product instead of materializing a normalized copy of
-    the (d, C) kernel. The gradient is written out (``_unit_column_product``).
+    the result are float32. Class norms scale the product instead of materializing a normalized copy of
+    the kernel. The gradient is written out (``_unit_column_product``). ``classes_first``: the kernel is
+    class-major, (C, d), one row per class (a head's ``kernel_layout="classes_first"``).
     """
-    return _unit_column_product(l2_normalize(x, axis=-1), kernel, compute_dtype)
+    return _unit_column_product(l2_normalize(x, axis=-1), kernel, compute_dtype, classes_first)
 
 
-def _unit_column_product(x_unit, kernel, compute_dtype: str):
+def _unit_column_product(x_unit, kernel, compute_dtype: str, classes_first: bool = False):
     """``(x_unit @ W) / |W[:, j]|`` (batch, C) float32, with the gradient written out.
 
-    Formula (``r_j = (|W[:, j]|^2 + eps)^(-1/2)``, upstream gradient G):
+    Formula (``r_j = (|W[:, j]|^2 + eps)^(-1/2)``, upstream gradient G; for a class-major kernel read
+    W^T for W):
     ```
     cos = (x_unit @ W) * r
     d x_unit = (G * r) @ W^T
@@ -54,13 +56,14 @@ def _unit_column_product(x_unit, kernel, compute_dtype: str):
 
     @ops.custom_gradient
     def op(x_unit, kernel):
-        inv_norm = ops.rsqrt(column_sq_norms(kernel) + _NORM_EPS)
-        product = ops.matmul(ops.cast(x_unit, compute_dtype), ops.cast(kernel, compute_dtype))
+        inv_norm = ops.rsqrt(column_sq_norms(kernel, classes_first) + _NORM_EPS)
+        product = class_product(ops.cast(x_unit, compute_dtype), ops.cast(kernel, compute_dtype), classes_first)
         cos = ops.cast(product, "float32") * inv_norm
 
         def grad(*upstream, **_):
             (d_cos,) = upstream_gradients(upstream)
-            d_x_unit, d_kernel = unit_column_product_gradients(x_unit, kernel, inv_norm, cos, d_cos, compute_dtype)
+            d_x_unit, d_kernel = unit_column_product_gradients(x_unit, kernel, inv_norm, cos, d_cos, compute_dtype,
+                                                               classes_first=classes_first)
             return ops.cast(d_x_unit, x_unit.dtype), ops.cast(d_kernel, kernel.dtype)
 
         return cos, grad
@@ -68,24 +71,44 @@ def _unit_column_product(x_unit, kernel, compute_dtype: str):
     return op(x_unit, read_value(kernel))
 
 
+def class_product(x, kernel, classes_first: bool = False):
+    """``x @ W`` (batch, C) for a (d, C) kernel; ``x @ W^T`` for a class-major (C, d) one (no transposed copy:
+    XLA contracts the kernel's second axis directly)."""
+    return ops.matmul(x, ops.transpose(kernel)) if classes_first else ops.matmul(x, kernel)
+
+
+def per_class(values, classes_first: bool = False):
+    """A (C,) vector shaped to broadcast against the kernel: (C,) for (d, C), (C, 1) for class-major (C, d)."""
+    return values[:, None] if classes_first else values
+
+
 def unit_column_product_gradients(x_unit, kernel, inv_norm, cos, d_cos, compute_dtype: str = "float32",
-                                  reduce_rows: Callable[[Any], Any] | None = None):
+                                  reduce_rows: Callable[[Any], Any] | None = None, classes_first: bool = False):
     """float32 ``(d x_unit, d W)`` of ``cos = (x_unit @ W) * inv_norm`` for the upstream ``d_cos``.
 
     The formula of ``_unit_column_product``; the class-chunked loss's backward pass uses it per chunk,
-    with ``reduce_rows`` (default ``column_sums``) a plain reduction there.
+    with ``reduce_rows`` (default ``column_sums``) a plain reduction there. ``d W`` has the kernel's
+    layout ((C, d) with ``classes_first``).
     """
     reduce_rows = column_sums if reduce_rows is None else reduce_rows
     d_cos = ops.cast(d_cos, "float32")
     scaled = ops.cast(d_cos * inv_norm, compute_dtype)
-    d_x_unit = ops.matmul(scaled, ops.transpose(ops.cast(kernel, compute_dtype)))
-    d_kernel = ops.cast(ops.matmul(ops.transpose(ops.cast(x_unit, compute_dtype)), scaled), "float32")
-    d_kernel = d_kernel - ops.cast(kernel, "float32") * (ops.square(inv_norm) * reduce_rows(d_cos * cos))
+    kernel_mm = ops.cast(kernel, compute_dtype)
+    x_mm = ops.cast(x_unit, compute_dtype)
+    if classes_first:
+        d_x_unit = ops.matmul(scaled, kernel_mm)
+        d_kernel = ops.cast(ops.matmul(ops.transpose(scaled), x_mm), "float32")
+    else:
+        d_x_unit = ops.matmul(scaled, ops.transpose(kernel_mm))
+        d_kernel = ops.cast(ops.matmul(ops.transpose(x_mm), scaled), "float32")
+    correction = per_class(ops.square(inv_norm) * reduce_rows(d_cos * cos), classes_first)
+    d_kernel = d_kernel - ops.cast(kernel, "float32") * correction
     return ops.cast(d_x_unit, "float32"), d_kernel
 
 
-def column_sq_norms(kernel):
-    """Squared L2 norm of each column of a (d, C) kernel, (C,) float32.
+def column_sq_norms(kernel, classes_first: bool = False):
+    """Squared L2 norm of each class weight, (C,) float32: the columns of a (d, C) kernel (the rows of a
+    class-major (C, d) one, ``classes_first``: a plain reduction along the contiguous axis).
 
     Formula: ``n_j = sum_i W[i, j]^2``, summed pairwise (the rows halved and added down to 16, then a
     reduction), with the gradient ``dn_j / dW[i, j] = 2 W[i, j]`` given directly. The halving adds fuse
@@ -95,6 +118,8 @@ def column_sq_norms(kernel):
     varies by device. Pairwise summation is also the more accurate float32 sum.
     """
     kernel = ops.cast(kernel, "float32")
+    if classes_first:
+        return ops.sum(ops.square(kernel), axis=1)
 
     @ops.custom_gradient
     def op(kernel):

@@ -38,6 +38,7 @@ def head_layout_map(model, mesh, *, class_axis: str = "model", layout_map=None):
     Formula:
     ```
     layout_map[head.kernel.path] = (None, class_axis)    kernel (embedding_dim, num_classes)
+    layout_map[head.kernel.path] = (class_axis, None)    class-major kernel (kernel_layout="classes_first")
     ```
 
     Args:
@@ -68,7 +69,7 @@ def head_layout_map(model, mesh, *, class_axis: str = "model", layout_map=None):
                 f"head_layout_map: {head.name} has {head.num_classes} classes, not a multiple of the "
                 f"{shards} devices on mesh axis {class_axis!r}; pad the class count or change the mesh."
             )
-        layout_map[re.escape(head.kernel.path)] = (None, class_axis)
+        layout_map[re.escape(head.kernel.path)] = (class_axis, None) if head.classes_first else (None, class_axis)
     return layout_map
 
 

@@ -45,7 +45,10 @@ class PartialFCOptimizer(keras.optimizers.Optimizer):
       the inner optimizer steps those from the sampled columns' gradient (the head's ``sample_gradient``
       weight carries it), and the results are written back (``sampling.scatter_columns``: a scatter, or on
       TensorFlow a select over the kernel's columns, whichever XLA on CPU runs faster). No (d, C) gradient
-      is formed (XLA drops the unused one) and no state outside the sample changes.
+      is formed (XLA drops the unused one) and no state outside the sample changes. With a class-major
+      head (``kernel_layout="classes_first"``, kernel (C, d)) the buffers are (K, d), the sampled rows:
+      contiguous in memory, so moving them in and out is several times cheaper than the columns of a
+      (d, C) kernel, whose sampled elements are spread over all of it (the faster Partial FC step).
       Exact for optimizers whose step treats each element on its own: ``SGD``, ``Adam``, ``AdamW``,
       ``Adamax``, ``Nadam``, ``RMSprop``, ``Adagrad``, ``Adadelta``, ``Ftrl``, ``Lion`` and
       ``keras_margin.recipes.RecipeSGD``; others (``Lamb``'s trust ratio, ``Adafactor``'s factored moments,
@@ -133,19 +136,20 @@ class PartialFCOptimizer(keras.optimizers.Optimizer):
                 if id(weight) not in keys:
                     raise ValueError(f"{owner}: the {what} {weight.path} of a sample_update='sampled' head is not "
                                      "among the trainable variables (frozen?); nothing to step.")
-            markers[i] = (keys.index(id(kernel)), keys.index(id(channel)))
+            markers[i] = (keys.index(id(kernel)), keys.index(id(channel)),
+                          sampling.sampled_kernel_is_classes_first(variable))
         if not markers:
             raise ValueError(f"{owner}: no head with sample_rate < 1 and sample_update='sampled' among the "
                              f"{len(var_list)} trainable variables; build the head that way, or use the inner "
                              "optimizer alone (PartialFC_V2's update).")
-        channels = {channel for _, channel in markers.values()}
-        kernels = [var_list[kernel] for kernel, _ in markers.values()]
+        channels = {channel for _, channel, _ in markers.values()}
+        kernels = [var_list[kernel] for kernel, _, _ in markers.values()]
         model_variables = [v for i, v in enumerate(var_list) if i not in markers and i not in channels]
         # Plain objects, not lists of Variables: the optimizer tracks any Variable it holds as its own.
         self._pfc_groups = []
         if self.update == "sparse":
             buffers = []
-            for kernel, (_, channel) in zip(kernels, markers.values()):
+            for kernel, (_, channel, _) in zip(kernels, markers.values()):
                 _check_sparse_kernel(owner, kernel)
                 buffers.append(_column_buffer(kernel, var_list[channel].shape))
                 _keras_private.share_weight_decay_exclusion(self.inner_optimizer, kernel, buffers[-1])
@@ -154,7 +158,8 @@ class PartialFCOptimizer(keras.optimizers.Optimizer):
             buffers, inner_targets = [None] * len(kernels), model_variables
         slots, made = _build_recording_slots(self.inner_optimizer, inner_targets)
         owned = {id(s) for group in slots.values() for s in group}
-        for (marker_index, (kernel_index, channel_index)), kernel, buffer in zip(markers.items(), kernels, buffers):
+        for (marker_index, (kernel_index, channel_index, classes_first)), kernel, buffer in zip(
+                markers.items(), kernels, buffers):
             stepped = kernel if buffer is None else buffer
             own = slots.get(id(stepped), [])
             for v in self.inner_optimizer.variables:
@@ -164,7 +169,8 @@ class PartialFCOptimizer(keras.optimizers.Optimizer):
                         "shape without add_variable_from_reference, so it cannot be told apart from the kernel's "
                         "own state; wrap an optimizer whose slots come from add_variable_from_reference.")
             full = [] if buffer is None else self._full_slots(kernel, own, made)
-            self._pfc_groups.append(_Group(marker_index, kernel_index, channel_index, buffer, own, full))
+            self._pfc_groups.append(_Group(marker_index, kernel_index, channel_index, buffer, own, full,
+                                           classes_first))
         super().build(var_list)
 
     def _full_slots(self, kernel, buffer_slots, made) -> list:
@@ -219,20 +225,22 @@ class PartialFCOptimizer(keras.optimizers.Optimizer):
         self.inner_optimizer.apply(inner_grads, inner_variables)
         for group, sampled, state in steps:
             if group.buffer is None:
+                stepped = sampled[:, None] if group.classes_first else sampled
                 for variable, before in state:
-                    variable.assign(ops.where(sampled, variable.value, before))
+                    variable.assign(ops.where(stepped, variable.value, before))
             else:
                 pairs = [(variables[group.kernel], group.buffer)] + list(zip(group.full, group.slots))
                 for target, buffer in pairs:
-                    target.assign(sampling.scatter_columns(target.value, state, buffer.value))
+                    target.assign(sampling.scatter_columns(target.value, state, buffer.value, group.classes_first))
             variables[group.marker].assign(ops.cast(sampled, variables[group.marker].dtype))  # the step's record
 
     def _gather_sample(self, group, variables, sampled):
         """Load the sampled columns of the kernel and of its full slots into the buffers; return the classes."""
-        indices = sampling.sample_indices(sampled, group.buffer.shape[1])
-        group.buffer.assign(sampling.gather_columns(variables[group.kernel].value, indices))
+        first = group.classes_first
+        indices = sampling.sample_indices(sampled, group.buffer.shape[0 if first else 1])
+        group.buffer.assign(sampling.gather_columns(variables[group.kernel].value, indices, first))
         for full, slot in zip(group.full, group.slots):
-            slot.assign(sampling.gather_columns(full.value, indices))
+            slot.assign(sampling.gather_columns(full.value, indices, first))
         return indices
 
     @property
@@ -277,11 +285,14 @@ UPDATES = ("sparse", "dense")
 class _Group:
     """One sampled head's variables, as positions among the trainable variables, and the optimizer's own."""
 
-    def __init__(self, marker: int, kernel: int, channel: int, buffer, slots: list, full: list) -> None:
+    def __init__(self, marker: int, kernel: int, channel: int, buffer, slots: list, full: list,
+                 classes_first: bool) -> None:
         self.marker, self.kernel, self.channel = marker, kernel, channel
-        self.buffer = buffer  # "sparse": the (d, K) column buffer the inner optimizer steps; "dense": None
+        # "sparse": the (d, K) ((K, d) class-major) buffer the inner optimizer steps; "dense": None
+        self.buffer = buffer
         self.slots = slots  # the inner optimizer's slots made from the kernel ("dense") or the buffer ("sparse")
-        self.full = full  # "sparse": each slot's (d, C) state of every class
+        self.full = full  # "sparse": each slot's (d, C) ((C, d)) state of every class
+        self.classes_first = classes_first  # the kernel is class-major, (C, d)
 
 
 def _dense_restores(kernel, slots) -> list:
@@ -320,8 +331,9 @@ def _check_sparse_kernel(owner: str, kernel) -> None:
 
 
 def _column_buffer(kernel, shape):
-    """A (d, K) variable named as the kernel, with the kernel's path, for the inner optimizer to step; laid out
-    as the kernel (keras.distribution) along every axis K or d divides, replicated along the others."""
+    """A (d, K) (class-major: (K, d)) variable named as the kernel, with the kernel's path, for the inner
+    optimizer to step; laid out as the kernel (keras.distribution) along every axis K or d divides,
+    replicated along the others."""
     parent, _, _ = kernel.path.rpartition("/")
     options = {"shape": tuple(shape), "dtype": kernel.dtype, "name": kernel.name,
                "layout": _divisible_layout(getattr(kernel, "_layout", None), tuple(shape))}

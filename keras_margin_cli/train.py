@@ -132,6 +132,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --sample-rate: what SGD does to the classes a step did not sample: all "
                              "(InsightFace's PartialFC_V2: momentum and decay still move them; default) or "
                              "sampled (its first PartialFC: they keep weight and momentum)")
+    parser.add_argument("--kernel-layout", choices=("classes_last", "classes_first"), default=None,
+                        help="the head's kernel: classes_last (embedding_dim, classes; default) or classes_first "
+                             "(classes, embedding_dim: one row per class, the faster layout for --sample-rate)")
     parser.add_argument("--jit", action=argparse.BooleanOptionalAction, default=None,
                         help="XLA-compile the training step (default: Keras' choice)")
     parser.add_argument("--mixed-precision", action="store_true", help="mixed_float16 policy (float32 head)")
@@ -175,6 +178,12 @@ def _check_arguments(args) -> None:
     if args.sample_update == "sampled" and args.iter_size > 1:
         raise _BadInput("--sample-update sampled steps one micro-batch's sample; it cannot accumulate "
                         f"--iter-size {args.iter_size} micro-batches")
+    if args.kernel_layout == "classes_first" and args.head == "subcenter_arcface":
+        raise _BadInput("--kernel-layout classes_first: subcenter_arcface keeps its k sub-centers as adjacent "
+                        "columns of a (embedding_dim, classes x k) kernel; leave --kernel-layout out")
+    if args.kernel_layout == "classes_first" and args.chunk_size is not None and args.chunk_by == "rows":
+        raise _BadInput("--kernel-layout classes_first with --chunk-by rows: row chunks take the (embedding_dim, "
+                        "classes) kernel; chunk by classes")
     if (args.val_pairs is None) != (args.val_images is None):
         raise _BadInput("--val-pairs and --val-images go together (the pairs file and its images folder)")
     if args.images is not None and args.list is None:
@@ -316,6 +325,8 @@ def _build_model(keras, args, images, input_size, head_class, num_classes):
         options["sample_rate"] = args.sample_rate
     if args.sample_update is not None:
         options["sample_update"] = args.sample_update
+    if args.kernel_layout is not None:
+        options["kernel_layout"] = args.kernel_layout
     head = head_class(num_classes, name="head", **options)
     pixels = keras.Input((*input_size, 3), name="image")
     recorded = InputContract("normalized", "bgr", mean=_MEAN, scale=_SCALE,
@@ -427,6 +438,8 @@ def _train(args, checkpoints: Path) -> int:
               "poly_length": micro_total if recipe.schedule == "poly" else None}
     if args.sample_update is not None:  # only when given: earlier checkpoints' settings have no such key
         config["sample_update"] = args.sample_update
+    if args.kernel_layout is not None:
+        config["kernel_layout"] = args.kernel_layout
     saved_config = _read_json(checkpoints / "train_config.json")
     if saved_config is not None and saved_config != config:
         changed = sorted(key for key in set(config) | set(saved_config) if config.get(key) != saved_config.get(key))

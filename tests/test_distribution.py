@@ -87,7 +87,11 @@ CASES = {"cosine_path": cosine_path, "label_aware": label_aware, "fused_chunked"
                                                           sample_update="sampled", name="head")),
          # 17 sampled classes: the stepped (d, 17) buffer cannot split over 2 class shards, so it is replicated.
          "partial_fc_v1_uneven": lambda: _fused(km.AMSoftmaxHead(4 * C, s=10.0, fused_loss=True, sample_rate=0.26,
-                                                                 sample_update="sampled", name="head"))}
+                                                                 sample_update="sampled", name="head")),
+         # The class-major kernel (64, 8), sharded along its first axis; the stepped buffer is (16, 8).
+         "partial_fc_v1_class_major": lambda: _fused(km.AMSoftmaxHead(
+             4 * C, s=10.0, fused_loss=True, sample_rate=0.25, sample_update="sampled",
+             kernel_layout="classes_first", name="head"))}
 
 def optimizer_for(model):
     if model.get_layer("head").get_config().get("sample_update") == "sampled":
@@ -163,12 +167,16 @@ def test_newer_heads_class_sharded_on_four_jax_devices_match_one_device():
 
 
 def test_partial_fc_v1_class_sharded_on_four_jax_devices_matches_one_device():
-    report = _sharded_report([("partial_fc_v1", (2, 2)), ("partial_fc_v1_uneven", (2, 2))])
-    for name in ("partial_fc_v1", "partial_fc_v1_uneven"):
+    report = _sharded_report([("partial_fc_v1", (2, 2)), ("partial_fc_v1_uneven", (2, 2)),
+                              ("partial_fc_v1_class_major", (2, 2))])
+    for name in ("partial_fc_v1", "partial_fc_v1_uneven", "partial_fc_v1_class_major"):
         case = report[name]
         assert case["steps"] == 3 and case["loss"] <= 1e-5 and case["weights"] <= 1e-5, (name, case)
-        assert case["spec_before"] == case["spec_after"] == [None, "model"], (name, case)
-        assert case["shard_shapes"] == [[8, 32]]  # (8, 64) over the 2 class shards
+        class_major = name.endswith("class_major")
+        spec = ["model", None] if class_major else [None, "model"]
+        assert case["spec_before"] == case["spec_after"] == spec, (name, case)
+        # (8, 64), or (64, 8) class-major, over the 2 class shards
+        assert case["shard_shapes"] == ([[32, 8]] if class_major else [[8, 32]]), (name, case)
 
 
 _MIRRORED = """

@@ -174,16 +174,23 @@ _TWO_STEPS = ([0, 1, 2, 0], [3, 4, 5, 3])
 _THREE_STEPS = _TWO_STEPS + ([0, 1, 6, 0],)  # classes 0 and 1 again: their stored momentum resumes (v1)
 
 
+def _kernel_dc(head):
+    """The head's kernel as (d, C) float64, whatever its layout."""
+    kernel = ops.convert_to_numpy(head.kernel).astype(np.float64)
+    return kernel.T if head.kernel_layout == "classes_first" else kernel
+
+
 def _two_sampled_sgd_steps(weight_decay=None, kernel_regularizer=None, optimizer=None, sample_update="all",
-                           batches=_TWO_STEPS, jit_compile="auto", dtype=None, update="sparse"):
-    """train_on_batch steps of a sampled head; returns kernels before/after each step and each step's sample.
+                           batches=_TWO_STEPS, jit_compile="auto", dtype=None, update="sparse",
+                           kernel_layout="classes_last"):
+    """train_on_batch steps of a sampled head; returns kernels (d, C) before/after each step and each step's sample.
 
     With ``sample_update="sampled"`` the optimizer is wrapped in PartialFCOptimizer(update=...) and each step's record in
     ``head.sampled_columns`` is checked against the replayed sample.
     """
     rng = np.random.default_rng(11)
     head = km.AMSoftmaxHead(_C, s=_S, m=_M, fused_loss=True, sample_rate=_RATE, sample_update=sample_update,
-                            kernel_regularizer=kernel_regularizer, dtype=dtype)
+                            kernel_regularizer=kernel_regularizer, dtype=dtype, kernel_layout=kernel_layout)
     embeddings, labels = keras.Input((_D,)), keras.Input((), dtype="int32")
     model = keras.Model([embeddings, labels], head([embeddings, labels]))
     optimizer = optimizer or keras.optimizers.SGD(_LR, momentum=_MU, weight_decay=weight_decay)
@@ -191,7 +198,7 @@ def _two_sampled_sgd_steps(weight_decay=None, kernel_regularizer=None, optimizer
         optimizer = km.PartialFCOptimizer(optimizer, update=update)
     model.compile(optimizer, loss=None, jit_compile=jit_compile)
     num_sampled = num_sampled_classes(_C, _RATE, _B)
-    kernels, steps = [ops.convert_to_numpy(head.kernel).astype(np.float64)], []
+    kernels, steps = [_kernel_dc(head)], []
     for labels_t in batches:
         x = rng.normal(size=(_B, _D)).astype("float32")
         y = np.array(labels_t, dtype="int32")
@@ -200,7 +207,7 @@ def _two_sampled_sgd_steps(weight_decay=None, kernel_regularizer=None, optimizer
         sampled = ops.convert_to_numpy(sample_classes(y, _C, num_sampled, replay)[0]).astype(np.int64)
         loss = model.train_on_batch([x, y])
         assert np.isfinite(loss), loss
-        kernels.append(ops.convert_to_numpy(head.kernel).astype(np.float64))
+        kernels.append(_kernel_dc(head))
         steps.append((x.astype(np.float64), y, sampled))
         if sample_update == "sampled":
             record = np.zeros(_C)
@@ -287,6 +294,25 @@ def test_sampled_update_with_coupled_recipe_sgd_matches_partial_fc_v1_exactly(up
     kernels, steps = _two_sampled_sgd_steps(optimizer=optimizer, sample_update="sampled", batches=_THREE_STEPS,
                                             update=update, jit_compile=jit_compile)
     np.testing.assert_allclose(kernels[-1], _replay(_pfc_v1, kernels, steps, wd), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("update", ["sparse", "dense"])
+def test_class_major_sampled_update_matches_partial_fc_v1_exactly(update):
+    # kernel_layout="classes_first": the kernel (C, d), the buffers the sampled rows (K, d); the same v1 update.
+    wd = 0.1
+    optimizer = km.recipes.RecipeSGD(_LR, momentum=_MU, weight_decay=wd, momentum_form="pytorch", decay_exclude=())
+    kernels, steps = _two_sampled_sgd_steps(optimizer=optimizer, sample_update="sampled", batches=_THREE_STEPS,
+                                            update=update, jit_compile=True, kernel_layout="classes_first")
+    np.testing.assert_allclose(kernels[-1], _replay(_pfc_v1, kernels, steps, wd), rtol=1e-5, atol=1e-6)
+    first, second, third = _columns_of(steps)
+    for step, sampled in enumerate((first, second, third)):
+        out = np.setdiff1d(np.arange(_C), sampled)
+        np.testing.assert_array_equal(kernels[step + 1][:, out], kernels[step][:, out])
+
+
+def test_class_major_sampled_head_matches_partial_fc_v2():
+    kernels, steps = _two_sampled_sgd_steps(jit_compile=True, kernel_layout="classes_first")
+    np.testing.assert_allclose(kernels[-1], _replay(_pfc_v2, kernels, steps, 0.0), rtol=1e-5, atol=1e-6)
 
 
 def _keras_adam_on_sampled(w, state, g, sampled, t, lr=0.01, b1=0.9, b2=0.999, eps=1e-7):
@@ -405,8 +431,9 @@ def test_sampled_update_needs_sampling_and_a_known_value():
         km.SubCenterArcFaceHead(10, fused_loss=True, sample_rate=0.5, sample_update="sampled")
 
 
-def _sampled_model(sample_update="sampled"):
-    head = km.AMSoftmaxHead(_C, fused_loss=True, sample_rate=_RATE, sample_update=sample_update)
+def _sampled_model(sample_update="sampled", kernel_layout="classes_last"):
+    head = km.AMSoftmaxHead(_C, fused_loss=True, sample_rate=_RATE, sample_update=sample_update,
+                            kernel_layout=kernel_layout)
     embeddings, labels = keras.Input((_D,)), keras.Input((), dtype="int32")
     return keras.Model([embeddings, labels], head([embeddings, labels])), head
 
@@ -455,8 +482,9 @@ def test_sampled_columns_is_overwritten_not_stepped_by_a_plain_optimizer():
     assert record[[0, 1, 2, 3]].tolist() == [1.0] * 4
 
 
-def test_partial_fc_optimizer_serializes_and_restores_its_state(tmp_path):
-    model, head = _sampled_model()
+@pytest.mark.parametrize("kernel_layout", ["classes_last", "classes_first"])
+def test_partial_fc_optimizer_serializes_and_restores_its_state(tmp_path, kernel_layout):
+    model, head = _sampled_model(kernel_layout=kernel_layout)
     model.compile(km.PartialFCOptimizer(keras.optimizers.SGD(0.1, momentum=0.9)), loss=None)
     x, y = np.random.default_rng(0).normal(size=(_B, _D)).astype("float32"), np.array([0, 1, 2, 3], "int32")
     model.train_on_batch([x, y])
@@ -468,7 +496,8 @@ def test_partial_fc_optimizer_serializes_and_restores_its_state(tmp_path):
     model.save(path)
     loaded = keras.saving.load_model(path)
     assert isinstance(loaded.optimizer, km.PartialFCOptimizer)
-    assert loaded.layers[-1].sample_update == "sampled"
+    assert loaded.layers[-1].sample_update == "sampled" and loaded.layers[-1].kernel_layout == kernel_layout
+    assert tuple(loaded.layers[-1].kernel.shape) == tuple(head.kernel.shape)
     saved = [ops.convert_to_numpy(v) for v in model.optimizer.variables]
     restored = [ops.convert_to_numpy(v) for v in loaded.optimizer.variables]
     assert len(saved) == len(restored) and any(np.abs(s).sum() > 0 for s in saved)
@@ -532,6 +561,59 @@ def test_take_columns_value_and_gradient_are_the_columns_and_their_scatter(jit, 
     else:  # not inputs of the op: no gradient (TensorFlow) or zeros (JAX)
         for d_extra in (d_marker, d_channel):
             assert d_extra is None or not np.any(ops.convert_to_numpy(d_extra))
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_class_major_take_columns_value_and_gradient_are_the_rows_and_their_scatter(jit):
+    rng = np.random.default_rng(6)
+    kernel = rng.normal(size=(9, 3)).astype("float32")  # (C, d)
+    sampled = np.array([0, 2, 5, 7], dtype="int32")
+    upstream = rng.normal(size=(4, 3)).astype("float32")
+    expected_gradient = np.zeros((9, 3), "float32")
+    expected_gradient[sampled] = upstream
+    expected_marker = np.zeros(9, "float32")
+    expected_marker[sampled] = 1.0
+    marker, channel = np.full(9, 0.5, "float32"), np.full((4, 3), 0.25, "float32")
+
+    def take(w, m, c):
+        return sampling.take_columns(w, sampled, m, c, classes_first=True)
+
+    if keras.backend.backend() == "jax":
+        import jax
+
+        def value_and_grad(w, m, c):
+            def loss(w, m, c):
+                rows = take(w, m, c)
+                return ops.sum(rows * upstream), rows
+            (_, rows), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(w, m, c)
+            return (rows, *grads)
+        run = jax.jit(value_and_grad) if jit else value_and_grad
+        rows, gradient, d_marker, d_channel = run(kernel, marker, channel)
+    else:
+        import tensorflow as tf
+
+        def value_and_grad(w, m, c):
+            with tf.GradientTape() as tape:
+                tape.watch([w, m, c])
+                rows = take(w, m, c)
+                loss = tf.reduce_sum(rows * upstream)
+            return (rows, *tape.gradient(loss, [w, m, c]))
+        run = tf.function(value_and_grad, jit_compile=True) if jit else value_and_grad
+        rows, gradient, d_marker, d_channel = run(tf.constant(kernel), tf.constant(marker), tf.constant(channel))
+    np.testing.assert_array_equal(ops.convert_to_numpy(rows), kernel[sampled])
+    np.testing.assert_array_equal(ops.convert_to_numpy(gradient), expected_gradient)
+    np.testing.assert_array_equal(ops.convert_to_numpy(d_marker), expected_marker)
+    np.testing.assert_array_equal(ops.convert_to_numpy(d_channel), upstream)
+    # The inverse: the rows written back.
+    new_rows = rng.normal(size=(4, 3)).astype("float32")
+    expected = kernel.copy()
+    expected[sampled] = new_rows
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(sampling.scatter_columns(kernel, sampled, new_rows, classes_first=True)), expected)
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(sampling.gather_columns(kernel, sampled, classes_first=True)), kernel[sampled])
+    with pytest.raises(ValueError, match=r"`channel` must have shape \(4, 3\)"):
+        sampling.take_columns(kernel, sampled, marker, np.zeros((3, 4), "float32"), classes_first=True)
 
 
 def test_take_columns_refuses_a_marker_or_channel_of_the_wrong_shape():

@@ -125,16 +125,19 @@ def test_fused_chunked_loss_trains(data, tmp_path, capsys, chunk_by):
 
 
 @pytest.mark.backend_agnostic
-def test_partial_fc_v1_trains_and_leaves_unsampled_classes_alone(data, tmp_path, capsys):
+@pytest.mark.parametrize("layout", [[], ["--kernel-layout", "classes_first"]], ids=["classes_last", "classes_first"])
+def test_partial_fc_v1_trains_and_leaves_unsampled_classes_alone(data, tmp_path, capsys, layout):
     # 4 classes, batch 2, rate 0.5: a step keeps ceil(0.5 * 4) = 2 classes, the batch's.
     code, output = _train(data, tmp_path, "--steps", "2", "--fused-loss", "--sample-rate", "0.5",
-                          "--sample-update", "sampled", "--batch-size", "2")
+                          "--sample-update", "sampled", "--batch-size", "2", *layout)
     out = capsys.readouterr().out
     assert code == 0, out
     assert np.isfinite(float(_summary_value(out, "final loss")))
     model = keras.saving.load_model(output)
     head = model.layers[-1]
     assert head.sample_update == "sampled" and isinstance(model.optimizer, keras_margin.PartialFCOptimizer)
+    assert head.kernel_layout == (layout[-1] if layout else "classes_last")
+    assert head.kernel.shape[0 if head.classes_first else 1] == 4
     record = keras.ops.convert_to_numpy(head.sampled_columns)
     assert sorted(np.unique(record).tolist()) == [0.0, 1.0] and record.sum() == 2  # the last step's sample
 
@@ -145,6 +148,8 @@ def test_partial_fc_v1_trains_and_leaves_unsampled_classes_alone(data, tmp_path,
     (["--sample-rate", "0.5", "--sample-update", "sampled", "--devices", "2", "--batch-size", "2"],
      "MirroredStrategy's replicas"),
     (["--sample-rate", "0.5", "--sample-update", "sampled"], "fewer than the batch of 12 images"),
+    (["--kernel-layout", "classes_first", "--chunk-size", "2", "--chunk-by", "rows"], "chunk by classes"),
+    (["--kernel-layout", "classes_first", "--head", "subcenter_arcface"], "sub-centers"),
 ])
 def test_sample_update_refuses_what_it_cannot_do(data, tmp_path, capsys, extra, expected):
     code, output = _train(data, tmp_path, "--steps", "1", "--fused-loss", *extra)
