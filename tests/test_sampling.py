@@ -508,6 +508,31 @@ def test_partial_fc_optimizer_serializes_and_restores_its_state(tmp_path, kernel
     loaded.train_on_batch([x, y])
 
 
+def _value_and_gradients(fn, upstream, jit, *inputs):
+    """``(fn(*inputs), *d sum(fn(*inputs) * upstream) / d inputs)`` on the backend, under XLA with ``jit``."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        def loss(*args):
+            value = fn(*args)
+            return ops.sum(value * upstream), value
+
+        def value_and_grad(*args):
+            (_, value), grads = jax.value_and_grad(loss, argnums=tuple(range(len(args))), has_aux=True)(*args)
+            return (value, *grads)
+        return (jax.jit(value_and_grad) if jit else value_and_grad)(*inputs)
+    import tensorflow as tf
+
+    def value_and_grad(*args):
+        with tf.GradientTape() as tape:
+            tape.watch(list(args))
+            value = fn(*args)
+            loss = tf.reduce_sum(value * upstream)
+        return (value, *tape.gradient(loss, list(args)))
+    run = tf.function(value_and_grad, jit_compile=True) if jit else value_and_grad
+    return run(*(tf.constant(a) for a in inputs))
+
+
 @pytest.mark.parametrize("with_marker", [False, True])
 @pytest.mark.parametrize("flat_gather", [True, False])
 @pytest.mark.parametrize("jit", [False, True])
@@ -529,30 +554,7 @@ def test_take_columns_value_and_gradient_are_the_columns_and_their_scatter(jit, 
     def take(w, m, c):
         return sampling.take_columns(w, sampled, *((m, c) if with_marker else (None, None)))
 
-    if keras.backend.backend() == "jax":
-        import jax
-
-        def loss(w, m, c):
-            columns = take(w, m, c)
-            return ops.sum(columns * upstream), columns
-
-        def value_and_grad(w, m, c):
-            (_, columns), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(w, m, c)
-            return (columns, *grads)
-        columns, gradient, d_marker, d_channel = (jax.jit(value_and_grad) if jit else value_and_grad)(
-            kernel, marker, channel)
-    else:
-        import tensorflow as tf
-
-        def value_and_grad(w, m, c):
-            with tf.GradientTape() as tape:
-                tape.watch([w, m, c])
-                columns = take(w, m, c)
-                loss = tf.reduce_sum(columns * upstream)
-            return (columns, *tape.gradient(loss, [w, m, c]))
-        columns, gradient, d_marker, d_channel = (
-            tf.function(value_and_grad, jit_compile=jit) if jit else value_and_grad)(
-            tf.constant(kernel), tf.constant(marker), tf.constant(channel))
+    columns, gradient, d_marker, d_channel = _value_and_gradients(take, upstream, jit, kernel, marker, channel)
     np.testing.assert_array_equal(ops.convert_to_numpy(columns), kernel[:, sampled])
     np.testing.assert_array_equal(ops.convert_to_numpy(gradient), expected_gradient)
     if with_marker:
@@ -578,28 +580,7 @@ def test_class_major_take_columns_value_and_gradient_are_the_rows_and_their_scat
     def take(w, m, c):
         return sampling.take_columns(w, sampled, m, c, classes_first=True)
 
-    if keras.backend.backend() == "jax":
-        import jax
-
-        def value_and_grad(w, m, c):
-            def loss(w, m, c):
-                rows = take(w, m, c)
-                return ops.sum(rows * upstream), rows
-            (_, rows), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(w, m, c)
-            return (rows, *grads)
-        run = jax.jit(value_and_grad) if jit else value_and_grad
-        rows, gradient, d_marker, d_channel = run(kernel, marker, channel)
-    else:
-        import tensorflow as tf
-
-        def value_and_grad(w, m, c):
-            with tf.GradientTape() as tape:
-                tape.watch([w, m, c])
-                rows = take(w, m, c)
-                loss = tf.reduce_sum(rows * upstream)
-            return (rows, *tape.gradient(loss, [w, m, c]))
-        run = tf.function(value_and_grad, jit_compile=True) if jit else value_and_grad
-        rows, gradient, d_marker, d_channel = run(tf.constant(kernel), tf.constant(marker), tf.constant(channel))
+    rows, gradient, d_marker, d_channel = _value_and_gradients(take, upstream, jit, kernel, marker, channel)
     np.testing.assert_array_equal(ops.convert_to_numpy(rows), kernel[sampled])
     np.testing.assert_array_equal(ops.convert_to_numpy(gradient), expected_gradient)
     np.testing.assert_array_equal(ops.convert_to_numpy(d_marker), expected_marker)
