@@ -65,8 +65,10 @@ _KERNEL_ARGS = """\
             `keras.layers.Dense` (and the Caffe import), or `"classes_first"`, `(num_classes, embedding_dim)`,
             one row per class as InsightFace stores it: the same numbers, transposed. Class-major rows are
             contiguous in memory, which makes Partial FC's gathers and writes of the sampled classes
-            several times cheaper (`sample_rate` < 1, above all with `sample_update="sampled"`). Defaults
-            to `"classes_last"`."""
+            several times cheaper (`sample_rate` < 1, above all with `sample_update="sampled"`). The
+            initializer sees the transposed shape: fan-in and fan-out swap, which leaves `"glorot_uniform"`
+            as it is but not a fan-in scaled one (`"he_normal"`, `"lecun_normal"`). Defaults to
+            `"classes_last"`."""
 
 # The options every margin head takes (MarginHead's), documented once and shown in each head's help().
 _HEAD_ARGS = """\
@@ -327,7 +329,8 @@ class MarginHead(CosineDense):
             self.sampled_columns = self.add_weight(name="sampled_columns", shape=(self.units,), dtype="float32",
                                                    initializer="zeros")
             self.sampled_columns.overwrite_with_gradient = True
-            # Its gradient is the sampled columns' gradient, (d, K): PartialFCOptimizer steps them from it.
+            # Its gradient is the sampled columns' gradient, (d, K) ((K, d) class-major): PartialFCOptimizer
+            # steps them from it.
             shape = (self.num_sampled, self.embedding_dim) if self.classes_first else (self.embedding_dim,
                                                                                         self.num_sampled)
             self.sample_gradient = self.add_weight(name="sample_gradient", shape=shape, dtype=self.kernel.dtype,
