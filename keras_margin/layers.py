@@ -169,6 +169,8 @@ class CosineDense(keras.layers.Layer):
            [0.7071, 0.7071, 0.    ]], dtype=float32)
     """
 
+    _classes_last_only = ""  # why a subclass keeps the (embedding_dim, units) kernel; empty: both layouts
+
     def __init__(self, units: int, kernel_initializer="glorot_uniform", kernel_regularizer=None,
                  kernel_constraint=None, kernel_layout: str = "classes_last", **kwargs):
         super().__init__(**kwargs)
@@ -176,6 +178,9 @@ class CosineDense(keras.layers.Layer):
         if kernel_layout not in KERNEL_LAYOUTS:
             raise ValueError(f"{type(self).__name__}: `kernel_layout` must be one of {KERNEL_LAYOUTS}; got "
                              f"{kernel_layout!r}.")
+        if kernel_layout != "classes_last" and self._classes_last_only:
+            raise ValueError(f"{type(self).__name__}: `kernel_layout` must be 'classes_last': "
+                             f"{self._classes_last_only}")
         self.kernel_layout = kernel_layout
         self.kernel_initializer = initializers.get(kernel_initializer)
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
@@ -951,6 +956,9 @@ class SubCenterArcFaceHead(ArcFaceHead):
         (the sub-center option of `recognition/arcface_mxnet`).
     """
 
+    _classes_last_only = ("the k sub-centers of a class are adjacent columns of the (embedding_dim, num_classes * k) "
+                          "kernel.")
+
     def __init__(self, num_classes: int, k: int = 3, s: float = arcface.DEFAULT_S, m: float = arcface.DEFAULT_M,
                  **kwargs):
         owner = type(self).__name__
@@ -961,9 +969,6 @@ class SubCenterArcFaceHead(ArcFaceHead):
                 "fused losses take one kernel column per class and cannot max-pool over the k sub-centers; use "
                 "fused_loss=True alone, or train with k sub-centers and then to_arcface_head()."
             )
-        if kwargs.get("kernel_layout", "classes_last") != "classes_last":
-            raise ValueError(f"{owner}: `kernel_layout` must be 'classes_last': the k sub-centers of a class are "
-                             "adjacent columns of the (embedding_dim, num_classes * k) kernel.")
         super().__init__(num_classes, s=s, m=m, **kwargs)
 
     def build(self, input_shape):
@@ -1666,6 +1671,9 @@ class LSoftmaxHead(_BatchStatisticHead):
                     "scales a row's non-target cosines by one number, and L-Softmax's are scaled by each class's "
                     "|W_j|; Partial FC is not implemented for this head. Use fused_loss=True alone.")
 
+    _classes_last_only = ("the Caffe layer's (embedding_dim, num_classes) weights; Partial FC, what the class-major "
+                          "layout is for, is not implemented for this head.")
+
     def __init__(self, num_classes: int, m: int = lsoftmax.DEFAULT_M, base: float = lsoftmax.DEFAULT_BASE,
                  gamma: float = lsoftmax.DEFAULT_GAMMA, power: float = lsoftmax.DEFAULT_POWER,
                  lambda_min: float = lsoftmax.DEFAULT_LAMBDA_MIN, **kwargs):
@@ -1673,10 +1681,6 @@ class LSoftmaxHead(_BatchStatisticHead):
         if "s" in kwargs:
             raise ValueError(f"{owner}: takes no `s`: L-Softmax's logits are scaled by |x| |W_j|.")
         params = lsoftmax.check_lsoftmax_parameters(owner, m, base, gamma, power, lambda_min)
-        if kwargs.get("kernel_layout", "classes_last") != "classes_last":
-            raise ValueError(f"{owner}: `kernel_layout` must be 'classes_last' (the Caffe layer's (embedding_dim, "
-                             "num_classes) weights); Partial FC, what the class-major layout is for, is not "
-                             "implemented for this head.")
         super().__init__(num_classes, s=1.0, **kwargs)
         self.m, self.base, self.gamma = params["m"], params["base"], params["gamma"]
         self.power, self.lambda_min = params["power"], params["lambda_min"]
