@@ -186,9 +186,10 @@ def _loss_fn(config):
     num_classes = config["classes"]
     if config.get("stage") in ("cos", "cos+ce", "cos+loss"):
         stage = config["stage"]
+        classes_first = config.get("kernel_layout") == "classes_first"
 
         def stage_loss(x, kernel, labels):
-            cos = core.cosine_matrix(x, kernel)
+            cos = core.cosine_matrix(x, kernel, classes_first=classes_first)
             if stage == "cos":
                 return ops.sum(cos)
             if stage == "cos+ce":
@@ -270,16 +271,18 @@ def _build_step(config, objective: str, arrays: dict, device_arrays: dict):
     names = ("x", "kernel", "dz") if is_floor else ("x", "kernel", "labels")
     if not is_floor:
         loss_fn = _loss_fn(config)
-        if config.get("stage") is None:
+        if config.get("stage") in ("cos", "cos+ce", "cos+loss"):  # no head: the shape of the layout asked for
+            shape = arrays["kernel"].shape[::-1 if config.get("kernel_layout") == "classes_first" else 1]
+        else:
             shape = tuple(make_head(objective, config["classes"], config["batch"], config["dim"],
                                     kernel_layout=config.get("kernel_layout", "classes_last")).kernel.shape)
-            if shape == arrays["kernel"].shape[::-1]:  # class-major (C, d): the floor's kernel transposed
-                arrays["head_kernel"] = np.ascontiguousarray(arrays["kernel"].T)
-                names = ("x", "head_kernel", "labels")
-            elif shape != arrays["kernel"].shape:  # Sub-center ArcFace: (d, k * C); the floor keeps (d, C)
-                rng = np.random.default_rng(config["seed"] + 1)
-                arrays["head_kernel"] = rng.standard_normal(shape, dtype=np.float32) / np.float32(np.sqrt(shape[0]))
-                names = ("x", "head_kernel", "labels")
+        if shape == arrays["kernel"].shape[::-1]:  # class-major (C, d): the floor's kernel transposed
+            arrays["head_kernel"] = np.ascontiguousarray(arrays["kernel"].T)
+            names = ("x", "head_kernel", "labels")
+        elif shape != arrays["kernel"].shape:  # Sub-center ArcFace: (d, k * C); the floor keeps (d, C)
+            rng = np.random.default_rng(config["seed"] + 1)
+            arrays["head_kernel"] = rng.standard_normal(shape, dtype=np.float32) / np.float32(np.sqrt(shape[0]))
+            names = ("x", "head_kernel", "labels")
 
     if backend == "tensorflow":
         import tensorflow as tf

@@ -233,13 +233,38 @@ def margin_cross_entropy(cos_theta, class_ids, target: TargetFn, scale, nontarge
     cos_theta = ops.cast(cos_theta, "float32")
     num_classes = cos_theta.shape[-1]
     is_target = _target_mask(class_ids, num_classes)
-    cos_y = ops.sum(ops.where(is_target, cos_theta, 0.0), axis=-1)
+    cos_y = target_cosines(cos_theta, class_ids)
     z_y = ops.reshape(scale * target(cos_y)[:, None], (-1,))  # scale: a number, () or (batch, 1)
     other = cos_theta if nontarget is None else nontarget(cos_theta, cos_y[:, None])
     lse_other = ops.logsumexp(ops.where(is_target, float("-inf"), scale * other), axis=-1)
     # Marked here and not only in the logits: XLA's CPU math does not promise NaN propagation through
     # exp/log, but a select of a NaN constant survives.
     return ops.where(_valid(class_ids, num_classes), ops.softplus(lse_other - z_y), float("nan"))
+
+
+def target_cosines(cos_theta, class_ids):
+    """cos(theta_{y_i}) (batch,) float32: each row's value in its class's column; 0 where the id is outside [0, C).
+
+    Picked by a gather of ``batch`` values, not a masked sum over the (batch, C) matrix (XLA on CPU writes
+    the masked matrix out before reducing it: one more pass over (batch, C)). The gradient is written out
+    as the upstream in the target column and zero elsewhere, a select that fuses into the rest of the
+    backward pass (autodiff of the gather would scatter into a zero (batch, C) matrix).
+    """
+    num_classes = cos_theta.shape[-1]
+
+    @ops.custom_gradient
+    def op(cos_theta, class_ids):
+        valid = _valid(class_ids, num_classes)
+        picked = ops.take_along_axis(cos_theta, ops.where(valid, class_ids, 0)[:, None], axis=-1)[:, 0]
+
+        def grad(*upstream, **_):
+            (d_cos_y,) = upstream_gradients(upstream)
+            d_cos_y = ops.cast(d_cos_y, cos_theta.dtype)[:, None]
+            return ops.where(_target_mask(class_ids, num_classes), d_cos_y, ops.zeros_like(d_cos_y)), None
+
+        return ops.where(valid, picked, 0.0), grad
+
+    return op(ops.cast(cos_theta, "float32"), ops.cast(class_ids, "int32"))
 
 
 def _target_mask(class_ids, num_classes: int):
@@ -251,7 +276,7 @@ def _logits_and_target(cos_theta, class_ids, target: TargetFn, scale, nontarget:
     cos_theta = ops.cast(cos_theta, "float32")
     num_classes = cos_theta.shape[-1]
     is_target = _target_mask(class_ids, num_classes)
-    cos_y = ops.sum(ops.where(is_target, cos_theta, 0.0), axis=-1)
+    cos_y = target_cosines(cos_theta, class_ids)
     target_cos = target(cos_y)
     other = cos_theta if nontarget is None else nontarget(cos_theta, cos_y[:, None])
     z = scale * ops.where(is_target, target_cos[:, None], other)

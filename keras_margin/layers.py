@@ -12,7 +12,14 @@ import numpy as np
 from keras import initializers, ops
 
 from keras_margin import _validation, chunked, losses, sampling
-from keras_margin.core import cosine_matrix, margin_cross_entropy, margin_logits, margin_softmax_loss, sparse_labels
+from keras_margin.core import (
+    cosine_matrix,
+    margin_cross_entropy,
+    margin_logits,
+    margin_softmax_loss,
+    sparse_labels,
+    target_cosines,
+)
 from keras_margin.margins import (
     adacos,
     adaface,
@@ -1210,12 +1217,6 @@ class _BatchStatisticHead(MarginHead):
         )
 
 
-def _target_cosines(cos_theta, class_ids):
-    """cos(theta_y) (batch,) of (batch, C) cosines and int32 class ids."""
-    is_target = ops.equal(ops.arange(cos_theta.shape[-1], dtype="int32")[None, :], class_ids[:, None])
-    return ops.sum(ops.where(is_target, cos_theta, 0.0), axis=-1)
-
-
 @_document_head
 @_stateful_call_forms
 @keras.saving.register_keras_serializable(package="keras_margin")
@@ -1287,7 +1288,7 @@ class CurricularFaceHead(_BatchStatisticHead):
     def objective(self, cos_theta, class_ids, training: bool, x=None):
         if not training:
             return normface_target, None, self.s
-        t = curricularface.curricularface_t(ops.cast(self.t, "float32"), _target_cosines(cos_theta, class_ids),
+        t = curricularface.curricularface_t(ops.cast(self.t, "float32"), target_cosines(cos_theta, class_ids),
                                             self.momentum)
         self.t.assign(t)
         return self.target, lambda cos, cos_y: curricularface.curricularface_nontarget(cos, cos_y, t, self.m), self.s

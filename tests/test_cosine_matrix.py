@@ -1,5 +1,5 @@
-"""core.cosine_matrix and core.column_sq_norms: values and written-out gradients against float64 NumPy
-(the formula, and central finite differences of it), on every backend, with and without XLA."""
+"""core.cosine_matrix, core.column_sq_norms and core.target_cosines: values and written-out gradients against
+float64 NumPy (the formula, and central finite differences of it), on every backend, with and without XLA."""
 
 import keras
 import numpy as np
@@ -110,3 +110,21 @@ def test_eager_gradients_equal_compiled_ones_for_every_fused_path(options):
     compiled = [g.numpy() for g in tf.function(gradients, jit_compile=True)()]
     for got, want in zip(eager, compiled):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_target_cosines_pick_each_rows_class_column_and_route_the_gradient_there(jit):
+    """The gather and its written-out gradient against NumPy indexing: ids outside [0, C) (possible under XLA,
+    where the label check cannot raise) give 0 and no gradient; a class picked by two rows gets both gradients."""
+    rng = np.random.default_rng(3)
+    cos = rng.uniform(-1, 1, size=(6, 5)).astype("float32")
+    ids = np.array([0, 4, 2, 2, -1, 5], dtype="int32")
+    upstream = rng.normal(size=(6,)).astype("float32")
+    got, (d_cos,) = _value_and_gradients(lambda c: core.target_cosines(c, ids), upstream, cos, jit=jit)
+
+    valid = (ids >= 0) & (ids < 5)
+    want = np.where(valid, cos[np.arange(6), np.clip(ids, 0, 4)], 0.0)
+    want_grad = np.zeros_like(cos)
+    want_grad[np.arange(6)[valid], ids[valid]] = upstream[valid]
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(d_cos, want_grad)
