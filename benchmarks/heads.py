@@ -67,7 +67,7 @@ HEADS = {
 }
 # How each head's step is timed: "cosine" is stateless_call (cosines) + head.loss; "logits" (the heads whose
 # `loss` raises: their objective needs the labels or |x| in the forward pass) is the training call
-# stateless_call([x, labels], training=True) + a sparse float32 cross-entropy of its logits + the losses the call
+# stateless_call([x, labels], training=True) + Keras' sparse cross-entropy of its logits + the losses the call
 # adds (MagFace's lambda_g * mean(g)). The variables the call updates (t, s, the norm statistics, L-Softmax's
 # counter) are returned by stateless_call and dropped: every timed call starts from the same state.
 # Stages of the head path timed by --breakdown, each a prefix of the full computation.
@@ -177,7 +177,9 @@ def _reset_peak_rss() -> bool:
 
 
 def _loss_fn(config):
-    """``(x, kernel, labels) -> scalar loss``, written with keras.ops / the package only."""
+    """``(x, kernel, labels) -> scalar loss``, written with keras.ops / the package only (and Keras' own sparse
+    cross-entropy for the heads timed on their logits)."""
+    import keras
     from keras import ops
 
     from keras_margin import core, losses
@@ -223,7 +225,8 @@ def _loss_fn(config):
     def head_logits_loss(x, kernel, labels):
         logits, _, added = head.stateless_call([kernel], non_trainable, [x, labels], training=True,
                                                return_losses=True)
-        per_sample = ops.logsumexp(logits, axis=-1) - ops.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
+        # What a model compiled with SparseCategoricalCrossentropy(from_logits=True) computes.
+        per_sample = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
         return ops.mean(per_sample) + sum(added, 0.0)
 
     return head_logits_loss
@@ -495,7 +498,7 @@ def print_tables(results: list[dict], args, wall_s: float, load: tuple[float, fl
              "magface's regularizer)." if args.form == "fused" else
              "Timed form: stateless_call (cosines) + head.loss, except curricularface, adacos, adaface, magface and "
              "lsoftmax, whose loss needs the labels or |x| in the forward pass: the training call "
-             "stateless_call([x, labels], training=True) + sparse float32 cross-entropy of its logits + its added "
+             "stateless_call([x, labels], training=True) + Keras' sparse cross-entropy (from_logits) + its added "
              "losses (magface's regularizer)."))
     print("floor ms: X@W (B,d)x(d,C), dZ@W^T, X^T@dZ, timed in the same child process as the head, its calls "
           "alternating with the head's; ratio = median over the (floor, head) call pairs of head time / floor "

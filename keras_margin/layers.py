@@ -1378,7 +1378,8 @@ class AdaCosHead(_BatchStatisticHead):
         if not (training and self.adaptive):
             return normface_target, None, self.scale()
         is_target = ops.equal(ops.arange(self.units, dtype="int32")[None, :], class_ids[:, None])
-        s = adacos.adacos_scale(cos_theta, is_target, self.scale(), self.median)
+        s = adacos.adacos_scale(cos_theta, is_target, self.scale(), self.median,
+                                cos_theta_y=target_cosines(cos_theta, class_ids))
         self.adaptive_scale.assign(s)
         return normface_target, None, s
 

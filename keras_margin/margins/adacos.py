@@ -50,7 +50,7 @@ def check_adacos_parameters(owner: str, num_classes: int, s=None, median=DEFAULT
             "median": median, "adaptive": _validation.check_bool(owner, "adaptive", adaptive)}
 
 
-def adacos_scale(cos_theta, is_target, s, median: str = DEFAULT_MEDIAN):
+def adacos_scale(cos_theta, is_target, s, median: str = DEFAULT_MEDIAN, cos_theta_y=None):
     """The adaptive scale of one training step, from the cosines and the previous scale, no gradient.
 
     Formula:
@@ -60,7 +60,8 @@ def adacos_scale(cos_theta, is_target, s, median: str = DEFAULT_MEDIAN):
     s <- log(B_avg) / cos(min(pi / 4, theta_med))
     ```
     ``log(B_avg)`` is a log-sum-exp over every non-target entry minus ``log(N)`` (no overflow of ``exp``).
-    ``cos_theta`` (N, C) float32, ``is_target`` its (N, C) boolean target mask.
+    ``cos_theta`` (N, C) float32, ``is_target`` its (N, C) boolean target mask; ``cos_theta_y`` (N,), the
+    target cosines when the caller has them (``core.target_cosines``: a gather), else summed out of the mask.
 
     Example:
     >>> import numpy as np
@@ -74,6 +75,7 @@ def adacos_scale(cos_theta, is_target, s, median: str = DEFAULT_MEDIAN):
     batch = ops.cast(ops.shape(cos_theta)[0], "float32")
     flat = ops.reshape(ops.where(is_target, float("-inf"), s * cos_theta), (-1,))
     log_b_avg = ops.logsumexp(flat) - ops.log(batch)
-    cos_y = ops.sum(ops.where(is_target, cos_theta, 0.0), axis=-1)
+    cos_y = (ops.sum(ops.where(is_target, cos_theta, 0.0), axis=-1) if cos_theta_y is None
+             else ops.stop_gradient(ops.cast(cos_theta_y, "float32")))
     theta_med = ops.quantile(angle_from_cos(cos_y), 0.5, method="linear" if median == "midpoint" else "lower")
     return ops.stop_gradient(log_b_avg / ops.cos(ops.minimum(theta_med, THETA_CAP)))
