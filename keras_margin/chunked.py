@@ -53,7 +53,7 @@ def _chunk_columns(start, chunk_size: int):
 
 
 def nontarget_logsumexp(x, kernel, class_ids, scale, chunk_size: int, compute_dtype: str = "float32",
-                        classes_first: bool = False):
+                        classes_first: bool = False, scale_gradient: bool = True):
     """Log-sum-exp of ``scale * cos(theta_j)`` over the non-target classes, and ``cos(theta_y)``, by chunks.
 
     Formula:
@@ -78,6 +78,8 @@ def nontarget_logsumexp(x, kernel, class_ids, scale, chunk_size: int, compute_dt
             ``classes_first`` (class-major: each chunk is a block of rows, as is its gradient).
         class_ids: int32 (batch,).
         scale: float32 (batch,), the factor turning cosines into logits (differentiable).
+        scale_gradient: False when ``scale`` is a constant (a fixed s): its gradient, a (batch, chunk)
+            reduction per chunk in the backward pass, is then not formed (zeros are returned).
         chunk_size: classes per chunk, >= 1.
         compute_dtype: dtype of the matrix products (the norms and the result are float32).
 
@@ -124,7 +126,8 @@ def nontarget_logsumexp(x, kernel, class_ids, scale, chunk_size: int, compute_dt
                 softmax = ops.exp(logits - lse_other[:, None])        # over non-target classes
                 d_cos = (d_lse * scale)[:, None] * softmax + ops.where(is_target & is_new,
                                                                        d_cos_target[:, None], 0.0)
-                d_scale = d_scale + d_lse * ops.sum(softmax * cos, axis=-1)
+                if scale_gradient:
+                    d_scale = d_scale + d_lse * ops.sum(softmax * cos, axis=-1)
                 # cos = (x_unit @ w) * inv_norm, inv_norm = (|w|^2 + eps)^(-1/2), column by column.
                 # A plain column sum: the pairwise halving would keep halved (batch, chunk) copies alive in
                 # the loop, and JAX reduces a chunk's few thousand columns quickly.
@@ -182,9 +185,10 @@ def chunked_margin_loss(x, kernel, class_ids, target: TargetFn, scale, chunk_siz
     """
     chunk_size = _validation.check_count("chunked_margin_loss", "chunk_size", chunk_size, minimum=1)
     class_ids = ops.cast(class_ids, "int32")
+    scale_gradient = not isinstance(scale, (int, float))  # a Python number (a fixed s) has no gradient
     scale = per_sample_scale(scale, x)
     lse_other, cos_target = nontarget_logsumexp(x, kernel, class_ids, scale, chunk_size, compute_dtype,
-                                                classes_first)
+                                                classes_first, scale_gradient)
     target_logit = scale * target(cos_target)
     loss = ops.softplus(lse_other - target_logit)  # = logaddexp(lse_other, z_y) - z_y, no cancellation in d/dz_y
     return ops.where(_valid(class_ids, class_count(kernel, classes_first)), loss, float("nan"))
