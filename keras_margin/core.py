@@ -108,26 +108,28 @@ def unit_column_product_gradients(x_unit, kernel, inv_norm, cos, d_cos, compute_
 
 def column_sq_norms(kernel, classes_first: bool = False):
     """Squared L2 norm of each class weight, (C,) float32: the columns of a (d, C) kernel (the rows of a
-    class-major (C, d) one, ``classes_first``: a plain reduction along the contiguous axis).
+    class-major (C, d) one, ``classes_first``).
 
-    Formula: ``n_j = sum_i W[i, j]^2``, summed pairwise (the rows halved and added down to 16, then a
+    Formula: ``n_j = sum_i W[i, j]^2``, summed pairwise (the halves added down to 16 terms, then a
     reduction), with the gradient ``dn_j / dW[i, j] = 2 W[i, j]`` given directly. The halving adds fuse
     into a pass over the kernel for XLA: on CPU, d=512, C=85,742, 30 ms on JAX and
     15 ms on TensorFlow, against 86 ms (JAX, through a transpose; its reduction down the leading axis
-    takes 255 ms) and 31 ms (TensorFlow, down the leading axis). No matmul (ones @ W^2): its precision
+    takes 255 ms) and 31 ms (TensorFlow, down the leading axis). Class-major, TensorFlow halves the rows
+    too (13 ms against 26 ms for the reduction, which its XLA feeds from a written-out square); JAX reduces
+    along the contiguous axis directly (10 ms, against 59 ms halved). No matmul (ones @ W^2): its precision
     varies by device. Pairwise summation is also the more accurate float32 sum.
     """
     kernel = ops.cast(kernel, "float32")
-    if classes_first:
+    if classes_first and keras.backend.backend() == "jax":
         return ops.sum(ops.square(kernel), axis=1)
 
     @ops.custom_gradient
     def op(kernel):
         def grad(*upstream, **_):
             (d_norms,) = upstream_gradients(upstream)
-            return 2.0 * kernel * ops.cast(d_norms, "float32")[None, :]
+            return 2.0 * kernel * per_class(ops.cast(d_norms, "float32"), classes_first)
 
-        return _pairwise_row_sum(ops.square(kernel)), grad
+        return _pairwise_sum(ops.square(kernel), axis=1 if classes_first else 0), grad
 
     return op(kernel)
 
@@ -137,22 +139,26 @@ def column_sums(a):
     (the AM-Softmax head step at 85,742 classes: 1.5x the matmul floor with the reduction, 1.25x pairwise);
     a reduction on TensorFlow, whose XLA is faster so (387 ms against 418 ms for that step)."""
     if keras.backend.backend() == "jax":
-        return _pairwise_row_sum(a)
+        return _pairwise_sum(a)
     return ops.sum(a, axis=0)
 
 
-def _pairwise_row_sum(a):
-    """Sum over the rows of ``a`` (n, C): the halves added (an odd row carried) down to a few rows, which
-    a reduction sums. That last reduction keeps XLA from inlining the final adds, recomputed, into every
+def _pairwise_sum(a, axis: int = 0):
+    """Sum of the 2-D ``a`` along ``axis``: the halves added (an odd one carried) down to a few, which a
+    reduction sums. That last reduction keeps XLA from inlining the final adds, recomputed, into every
     element of a kernel-sized consumer (Partial FC on JAX: 125 ms for the (d, C) update loop, against 45)."""
-    while a.shape[0] > _PAIRWISE_ROWS:
-        half = a.shape[0] // 2
-        summed = a[:half] + a[half:2 * half]
-        a = summed if a.shape[0] % 2 == 0 else ops.concatenate([summed, a[2 * half:]], axis=0)
-    return ops.sum(a, axis=0)
+
+    def part(a, start, stop):
+        return a[start:stop] if axis == 0 else a[:, start:stop]
+
+    while a.shape[axis] > _PAIRWISE_ROWS:
+        size, half = a.shape[axis], a.shape[axis] // 2
+        summed = part(a, 0, half) + part(a, half, 2 * half)
+        a = summed if size % 2 == 0 else ops.concatenate([summed, part(a, 2 * half, size)], axis=axis)
+    return ops.sum(a, axis=axis)
 
 
-_PAIRWISE_ROWS = 16  # rows left to the final reduction
+_PAIRWISE_ROWS = 16  # terms left to the final reduction
 
 
 def read_value(tensor):

@@ -73,15 +73,23 @@ def test_cosine_matrix_value_and_gradients_match_float64_finite_differences(jit)
     np.testing.assert_allclose(d_kernel, want_kernel, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 7, 512, 513])
-def test_column_sq_norms_of_any_row_count_and_their_gradient(rows):
-    """The pairwise halving carries odd rows: every row count sums every row once."""
-    rng = np.random.default_rng(rows)
-    kernel = rng.normal(size=(rows, 6)).astype("float32")
+@pytest.mark.parametrize("classes_first", [False, True], ids=["d_by_C", "class_major"])
+@pytest.mark.parametrize("dim", [1, 2, 7, 512, 513])
+def test_column_sq_norms_of_any_embedding_size_and_their_gradient(dim, classes_first):
+    """The pairwise halving carries an odd term: every embedding size sums every entry once, in either layout
+    (class-major, TensorFlow halves along the rows' contiguous axis)."""
+    rng = np.random.default_rng(dim)
+    kernel = rng.normal(size=(dim, 6)).astype("float32")
     upstream = rng.normal(size=(6,)).astype("float32")
-    got, (d_kernel,) = _value_and_gradients(core.column_sq_norms, upstream, kernel, jit=True)
+
+    def norms(w):
+        return core.column_sq_norms(w, classes_first=classes_first)
+
+    stored = np.ascontiguousarray(kernel.T) if classes_first else kernel
+    got, (d_kernel,) = _value_and_gradients(norms, upstream, stored, jit=True)
     np.testing.assert_allclose(got, np.sum(kernel.astype(np.float64) ** 2, axis=0), rtol=1e-6)
-    np.testing.assert_allclose(d_kernel, 2.0 * kernel * upstream, rtol=1e-6)
+    want = 2.0 * kernel * upstream
+    np.testing.assert_allclose(d_kernel, want.T if classes_first else want, rtol=1e-6)
 
 
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow's eager custom_gradient")
