@@ -12,6 +12,19 @@ from tests import numpy_reference as ref
 pytestmark = pytest.mark.backend_agnostic
 
 
+def _compiled(fn, jit: bool):
+    """``fn`` under XLA (``jax.jit`` / ``tf.function(jit_compile=True)``) when ``jit``, else as it is."""
+    if not jit:
+        return fn
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return jax.jit(fn)
+    import tensorflow as tf
+
+    return tf.function(fn, jit_compile=True)
+
+
 def _value_and_gradients(fn, upstream, *args, jit=False):
     """``fn(*args)`` and the gradients of ``sum(upstream * fn(*args))`` w.r.t. every argument."""
     if keras.backend.backend() == "jax":
@@ -22,8 +35,7 @@ def _value_and_gradients(fn, upstream, *args, jit=False):
             out = fn(*a)
             return jnp.sum(upstream * out), out
 
-        grad_fn = jax.grad(loss, argnums=tuple(range(len(args))), has_aux=True)
-        grad_fn = jax.jit(grad_fn) if jit else grad_fn
+        grad_fn = _compiled(jax.grad(loss, argnums=tuple(range(len(args))), has_aux=True), jit)
         grads, out = grad_fn(*[jnp.asarray(a) for a in args])
         return np.asarray(out), [np.asarray(g) for g in grads]
     import tensorflow as tf
@@ -36,9 +48,7 @@ def _value_and_gradients(fn, upstream, *args, jit=False):
             loss = tf.reduce_sum(upstream * out)
         return out, tape.gradient(loss, list(a))
 
-    if jit:
-        value_and_grads = tf.function(value_and_grads, jit_compile=True)
-    out, grads = value_and_grads(*[tf.constant(a) for a in args])
+    out, grads = _compiled(value_and_grads, jit)(*[tf.constant(a) for a in args])
     return out.numpy(), [g.numpy() for g in grads]
 
 
@@ -165,15 +175,3 @@ def test_batch_product_with_a_batch_unknown_when_traced():
         x = rng.normal(size=(batch, 4)).astype("float32")
         g = rng.normal(size=(batch, 3)).astype("float32")
         np.testing.assert_allclose(fn(x, g).numpy(), x.T @ g, rtol=1e-5, atol=1e-6)
-
-
-def _compiled(fn, jit):
-    if not jit:
-        return fn
-    if keras.backend.backend() == "jax":
-        import jax
-
-        return jax.jit(fn)
-    import tensorflow as tf
-
-    return tf.function(fn, jit_compile=True)
